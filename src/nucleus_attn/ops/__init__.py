@@ -1,0 +1,44 @@
+"""Numeric building blocks of sparse decode, each a torch reference plus a Triton kernel.
+
+One module per op family; the public function of each op validates once and dispatches
+(``impl="auto"``: Triton on CUDA tensors, the torch reference elsewhere; see
+:mod:`nucleus_attn.ops._dispatch`). Results are index lists per KV head, so a paged
+backend can call the ops unchanged.
+"""
+
+from .attention import dense_attention, gathered_scores, sparse_attention
+from .clusters import assign_nearest, centroid_scores, kmeans
+from .pages import page_minmax, page_scores, page_valid, pages_to_tokens
+from .quant import dequantize_int4, int4_scores, quantize_int4
+from .select import (
+    compact,
+    group_logsoftmax_max,
+    indices_to_mask,
+    mask_to_indices,
+    topk_with_forced,
+)
+from .topp import topp_select, topp_threshold_reference, topp_weights
+
+__all__ = [
+    "assign_nearest",
+    "centroid_scores",
+    "compact",
+    "dense_attention",
+    "dequantize_int4",
+    "gathered_scores",
+    "group_logsoftmax_max",
+    "indices_to_mask",
+    "int4_scores",
+    "kmeans",
+    "mask_to_indices",
+    "page_minmax",
+    "page_scores",
+    "page_valid",
+    "pages_to_tokens",
+    "quantize_int4",
+    "sparse_attention",
+    "topk_with_forced",
+    "topp_select",
+    "topp_threshold_reference",
+    "topp_weights",
+]
