@@ -15,7 +15,7 @@ Examples
 
 from .decode import DecodeInfo, decode_step, new_state, sparse_decode
 from .methods import DenseConfig as Dense
-from .methods import MethodConfig, make_config, methods
+from .methods import MethodConfig, describe, make_config, methods, parse_method, parse_sweep
 from .methods import OracleTopKConfig as OracleTopK
 from .methods import OracleTopPConfig as OracleTopP
 from .methods import QuestConfig as Quest
@@ -38,8 +38,11 @@ __all__ = [
     "Tactic",
     "Twilight",
     "decode_step",
+    "describe",
     "make_config",
     "methods",
     "new_state",
+    "parse_method",
+    "parse_sweep",
     "sparse_decode",
 ]

@@ -6,6 +6,7 @@ the eval harness, the benchmarks and the tests.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from . import dense, oracle, quest, streaming, tactic, twilight
@@ -65,10 +66,13 @@ def make_config(method: str | MethodConfig, **params: Any) -> MethodConfig:
     try:
         return cls(**params)
     except TypeError as err:
-        fields = [f for f in cls.__dataclass_fields__]
+        fields = [f.name for f in dataclasses.fields(cls)]
         raise TypeError(
             f"{method}: {err}; its parameters are: {', '.join(fields) or '(none)'}"
         ) from None
+
+
+from .parse import describe, parse_method, parse_sweep  # noqa: E402  (needs make_config)
 
 
 def spec_of(cfg: MethodConfig) -> MethodSpec:
@@ -86,11 +90,14 @@ __all__ = [
     "OracleTopPConfig",
     "QuestConfig",
     "Selection",
+    "describe",
     "StreamingConfig",
     "TacticConfig",
     "TwilightConfig",
     "get_spec",
     "make_config",
     "methods",
+    "parse_method",
+    "parse_sweep",
     "spec_of",
 ]

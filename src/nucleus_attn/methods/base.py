@@ -131,6 +131,21 @@ def valid_positions(span: KeySpan, num_kv_heads: int) -> Tensor:
     return span.valid_mask()[:, None, :].expand(-1, num_kv_heads, -1)
 
 
+def keep_best(agg: Tensor, budget: int, forced: Tensor) -> Tensor:
+    """Forced items plus the best others, ``budget`` items in all (or just the forced ones).
+
+    ``agg`` is ``[..., X]`` (``-inf`` for items that do not exist), ``forced`` a bool mask
+    of the same shape. Returns the kept items as a bool mask. Forced items never compete
+    for places, so which items are kept does not depend on ties among them.
+    """
+    k = min(budget, agg.shape[-1])
+    others = agg.masked_fill(forced, float("-inf"))
+    top = torch.topk(others, k, dim=-1, sorted=True)
+    room = k - forced.sum(-1, keepdim=True)  # places left after the forced items
+    take = (torch.arange(k, device=agg.device) < room) & torch.isfinite(top.values)
+    return forced | torch.zeros_like(forced).scatter_(-1, top.indices, take)
+
+
 def grow(buf: Tensor, size: int, dim: int = 2) -> Tensor:
     """``buf`` with room for ``size`` entries along ``dim`` (capacity doubles, data kept)."""
     cap = buf.shape[dim]

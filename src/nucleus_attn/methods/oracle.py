@@ -23,6 +23,7 @@ from .base import (
     check_int,
     check_p,
     forced_positions,
+    keep_best,
     resolve_budget,
     valid_positions,
 )
@@ -69,10 +70,8 @@ def select_topk(q: Tensor, k: Tensor, state: None, span: KeySpan, cfg: OracleTop
     if budget >= n:
         return Selection.everything(span, hkv)
     agg = ops.group_logsoftmax_max(exact_logits(q, k, span, scale), hkv)
-    forced = forced_positions(span, hkv, cfg.sink, cfg.window)
-    top = ops.topk_with_forced(agg, budget, forced)
-    keep = torch.zeros_like(agg, dtype=torch.bool).scatter_(-1, top, True)
-    idx, cnt = ops.mask_to_indices(keep & valid_positions(span, hkv), capacity=budget)
+    keep = keep_best(agg, budget, forced_positions(span, hkv, cfg.sink, cfg.window))
+    idx, cnt = ops.mask_to_indices(keep, capacity=max(budget, cfg.sink + cfg.window))
     return Selection(idx, cnt, span.lengths[:, None].expand(-1, hkv))
 
 

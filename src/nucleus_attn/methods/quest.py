@@ -23,6 +23,7 @@ from .base import (
     check_budget,
     check_int,
     grow,
+    keep_best,
     resolve_budget,
 )
 
@@ -97,8 +98,9 @@ def select_pages(
 ) -> tuple[Tensor, Tensor]:
     """Token positions of the best ``ceil(budget / page_size)`` pages per KV head.
 
-    Pages are ranked by the group's maximum log-softmax of the scaled page bounds; pages
-    holding sink or window tokens (and the last page) are always chosen.
+    Pages are ranked by the group's maximum log-softmax of the scaled page bounds. Pages
+    holding sink or window tokens (and the last page) are always chosen and count towards
+    the budget; when they alone exceed it, only they are kept.
     """
     ps, hkv = pages.page_size, pages.kmin.shape[1]
     p = pages.pages
@@ -106,10 +108,15 @@ def select_pages(
     agg = ops.group_logsoftmax_max(bounds * scale, hkv)
     pos = span.positions().expand(span.starts.shape[0], -1)
     forced_tok = span.forced(pos, sink, max(window, 1))
-    pad = p * ps - span.n
-    forced = torch.nn.functional.pad(forced_tok, (0, pad)).view(-1, p, ps).any(-1)
-    top = ops.topk_with_forced(agg, math.ceil(budget / ps), forced[:, None, :].expand_as(agg))
-    return ops.pages_to_tokens(top, ps, span)
+    forced = torch.nn.functional.pad(forced_tok, (0, p * ps - span.n)).view(-1, 1, p, ps)
+    forced = forced.any(-1).expand_as(agg)
+    chosen = keep_best(agg, math.ceil(budget / ps), forced)
+    # forced pages: at most ceil(sink/ps)+1 at the start, ceil(window/ps)+1 at the end
+    most = math.ceil(budget / ps) + math.ceil(sink / ps) + math.ceil(max(window, 1) / ps) + 2
+    ids, cnt = ops.mask_to_indices(chosen, capacity=min(p, most))
+    live = torch.arange(ids.shape[-1], device=ids.device) < cnt[..., None]
+    ids = torch.where(live, ids, torch.full_like(ids, p))  # page p lies past every span
+    return ops.pages_to_tokens(ids, ps, span)
 
 
 def select(q: Tensor, k: Tensor, state: PageState, span: KeySpan, cfg: QuestConfig,

@@ -103,11 +103,14 @@ def kmeans(
         vm = valid[:, lo:hi]
         nvalid = vm.sum(-1)
         first = vm.to(torch.int8).argmax(-1)
+        # each sequence gets ceil(valid / cluster_size) clusters in this segment, so that
+        # padding does not change how a sequence is clustered
+        c_row = torch.div(nvalid + cluster_size - 1, cluster_size, rounding_mode="floor")
         j = torch.arange(c, device=k.device, dtype=torch.float32)
-        pick = first[:, None] + ((j[None, :] + 0.5) * nvalid[:, None] / c).long()
-        pick = pick.clamp(max=hi - lo - 1)
+        pick = first[:, None] + ((j[None, :] + 0.5) * nvalid[:, None] / c_row.clamp(min=1)[:, None])
+        pick = pick.long().clamp(max=hi - lo - 1)
         cent = keys.gather(2, pick[:, None, :, None].expand(b, h, c, d))
-        alive = (nvalid > 0)[:, None, None].expand(b, h, c)
+        alive = (j[None, :] < c_row[:, None])[:, None, :].expand(b, h, c)
         w = vm[:, None, :, None].float()
         for _ in range(iterations):
             lab = assign_nearest(keys, cent, alive, impl=impl)

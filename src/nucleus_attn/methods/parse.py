@@ -1,0 +1,69 @@
+"""Method settings written as text, for the command line: ``name:key=value,key=value``.
+
+A sweep gives several values to a key, ``twilight:p=0.8,0.9,0.95`` (a comma-separated item
+without ``=`` is one more value of the key before it); the sweep is the product of all
+keys' values. Values are read as int, then float, then bool (true/false), else string.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from .base import MethodConfig
+
+
+def _value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_sweep(spec: str) -> list[MethodConfig]:
+    """All configs of a setting such as ``"quest:budget=64,128,page_size=16"``.
+
+    Examples
+    --------
+    >>> [c.p for c in parse_sweep("twilight:p=0.8,0.9")]
+    [0.8, 0.9]
+    """
+    from . import make_config
+
+    name, _, rest = spec.partition(":")
+    values: dict[str, list[Any]] = {}
+    key = None
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        if "=" in item:
+            key, _, val = item.partition("=")
+            key = key.strip()
+            if key in values:
+                raise ValueError(f"{spec!r}: {key} is given twice; list its values once: "
+                                 f"{key}=a,b,c")
+            values[key] = [_value(val.strip())]
+        elif key is None:
+            raise ValueError(f"{spec!r}: {item!r} has no key; write {name}:key=value")
+        else:
+            values[key].append(_value(item))
+    keys = list(values)
+    return [make_config(name.strip(), **dict(zip(keys, combo, strict=True)))
+            for combo in itertools.product(*(values[k] for k in keys))]
+
+
+def parse_method(spec: str) -> MethodConfig:
+    """One config from ``name:key=value,...`` (a single value per key)."""
+    configs = parse_sweep(spec)
+    if len(configs) != 1:
+        raise ValueError(f"{spec!r} describes {len(configs)} settings; give one value per key")
+    return configs[0]
+
+
+def describe(cfg: MethodConfig) -> str:
+    """The inverse of :func:`parse_method` for the fields that differ from the defaults."""
+    default = type(cfg)()
+    changed = [f"{k}={v}" for k, v in vars(cfg).items() if getattr(default, k) != v]
+    return cfg.name + (":" + ",".join(changed) if changed else "")
