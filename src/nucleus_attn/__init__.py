@@ -26,6 +26,16 @@ from .span import KeySpan
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # enable() needs transformers: imported on first use, so `import nucleus_attn` does not
+    if name == "enable":
+        from .integrations.hf import enable
+
+        return enable
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DecodeInfo",
     "Dense",
@@ -39,6 +49,7 @@ __all__ = [
     "Twilight",
     "decode_step",
     "describe",
+    "enable",
     "make_config",
     "methods",
     "new_state",

@@ -1,0 +1,452 @@
+"""Sparse decode for a loaded Hugging Face transformers model, through its attention registry.
+
+:func:`enable` registers one attention function and its mask function with transformers
+(``AttentionInterface`` / ``AttentionMaskInterface``) and switches the model to it with
+``model.set_attn_implementation``; no model code is copied or patched. The function:
+
+- runs prefill (``q_len > 1``) densely with transformers' own SDPA attention;
+- runs each decode step (``q_len == 1``) of each sparse layer through
+  :func:`nucleus_attn.decode_step`, with the method's metadata kept per layer;
+- runs the first ``dense_layers`` layers, every sliding-window layer and, under the
+  ``dense`` method, every layer with transformers' SDPA and the mask transformers built:
+  windows keep their exact semantics, and unpadded decode runs SDPA with GQA and no mask
+  (the fastest dense baseline).
+
+Which keys exist per sequence (left padding) is read from the boolean decode mask of
+transformers' ``sdpa_mask`` (registered under our name: without it, padded batches would
+get no mask at all) as a :class:`~nucleus_attn.KeySpan`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..decode import decode_step, new_state
+from ..methods import MethodConfig, MethodState, describe, make_config
+from ..span import KeySpan
+from .stats import LayerStats, print_summary, summarize
+
+#: Name under which the attention and mask functions are registered with transformers.
+ATTN_NAME = "nucleus_attn"
+#: ``config.model_type`` values tested end to end (greedy equality at p=1, padded batches).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+#: ``config.layer_types`` entries handled: full attention (sparse) and sliding (dense).
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# attention module -> the handle that owns it; a module missing here (the model was
+# disabled, or another model was switched to our name by hand) gets plain SDPA
+_OWNER: weakref.WeakKeyDictionary[nn.Module, SparseDecodeHandle] = weakref.WeakKeyDictionary()
+_ENABLED: weakref.WeakKeyDictionary[nn.Module, SparseDecodeHandle] = weakref.WeakKeyDictionary()
+
+
+def nucleus_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The attention function registered as ``"nucleus_attn"`` (transformers' signature).
+
+    ``query`` is ``[B, Hq, q_len, d]``; ``key``/``value`` are the whole cache after this
+    step's append, ``[B, Hkv, N, d]``. Returns ``([B, q_len, Hq, d], None)``.
+    """
+    handle = _OWNER.get(module)
+    if handle is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    return handle._attend(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+
+@dataclass
+class _Layer:
+    """One attention layer: whether it runs the method, and the method's metadata."""
+
+    stats: LayerStats
+    state: MethodState | None = None
+    built: bool = False  # state built for the current sequence (None is a valid state)
+    n: int = 0  # cache positions the state covers
+    batch: int = 0
+
+    def forget(self) -> None:
+        self.state, self.built, self.n, self.batch = None, False, 0, 0
+
+
+class SparseDecodeHandle:
+    """Sparse decode switched on for one model; also a context manager.
+
+    Returned by :func:`enable`. :meth:`disable` (or leaving the ``with`` block) restores
+    the model's previous attention implementation and drops the method's metadata.
+
+    Attributes
+    ----------
+    model : transformers.PreTrainedModel
+        The model.
+    config : MethodConfig
+        The method and its parameters.
+    dense_layers : int
+        Number of first layers kept dense.
+    diagnostics : bool
+        Whether the exact kept attention mass is measured at each step.
+    enabled : bool
+        False once :meth:`disable` ran.
+    """
+
+    def __init__(self, model: PreTrainedModel, config: MethodConfig, dense_layers: int,
+                 diagnostics: bool, previous: str, layers: dict[int, _Layer],
+                 modules: list[nn.Module]) -> None:
+        self.model = model
+        self.config = config
+        self.dense_layers = dense_layers
+        self.diagnostics = diagnostics
+        self.enabled = True
+        self._previous = previous
+        self._layers = layers
+        self._modules = modules
+        # the key span of the current step, shared by the layers: (mask, B, N, device)
+        self._span_key: tuple[Any, ...] | None = None
+        self._span: tuple[KeySpan, bool] | None = None
+
+    def __repr__(self) -> str:
+        state = "enabled" if self.enabled else "disabled"
+        return (f"SparseDecodeHandle({describe(self.config)}, "
+                f"dense_layers={self.dense_layers}, {state})")
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def disable(self) -> None:
+        """Restore the previous attention implementation and drop all method state.
+
+        Calling it again is a no-op. Statistics stay readable with :meth:`summary`.
+        """
+        if not self.enabled:
+            return
+        self.enabled = False
+        for module in self._modules:
+            _OWNER.pop(module, None)
+        _ENABLED.pop(self.model, None)
+        self.model.set_attn_implementation(self._previous)
+        for layer in self._layers.values():
+            layer.forget()
+        self._span_key = self._span = None
+
+    def __enter__(self) -> SparseDecodeHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.disable()
+
+    # --- statistics ----------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        """Forget the statistics gathered so far (metadata and the model are untouched)."""
+        for layer in self._layers.values():
+            layer.stats.reset()
+
+    def summary(self) -> dict[str, Any]:
+        """Kept tokens and kept attention mass since :func:`enable` or :meth:`reset_stats`.
+
+        Returns
+        -------
+        dict
+            ``method``, ``spec`` (``name:key=value`` of the non-default parameters),
+            ``params``, ``dense_layers``, ``diagnostics``; ``decode_rows`` (decode steps
+            times batch rows); ``mean_kept_fraction`` and ``mean_mass`` over all layers,
+            dense layers (the first ``dense_layers`` and sliding-window ones) counting as
+            kept fraction 1 and mass 1; ``std_kept_fraction`` (spread over layers, heads,
+            steps and rows); ``sparse_kept_fraction`` and ``sparse_mass`` over the layers
+            that run the method; ``mean_kept_tokens`` and ``mean_context_tokens`` (sparse
+            layers, per KV head); ``per_layer``: one dict per layer with the same keys
+            plus ``layer``, ``kind`` (``sparse``/``dense``/``sliding``), ``dense``,
+            ``kept_fraction_per_head`` ([Hkv]) and ``mass_per_head`` ([Hq]). Masses are
+            None unless ``diagnostics=True``; means are None before any decode step.
+        """
+        header = {
+            "method": self.config.name,
+            "spec": describe(self.config),
+            "params": {f.name: getattr(self.config, f.name) for f in fields(self.config)},
+            "dense_layers": self.dense_layers,
+            "diagnostics": self.diagnostics,
+        }
+        return summarize([self._layers[i].stats for i in sorted(self._layers)], header)
+
+    def print_summary(self, console: Any = None) -> None:
+        """Print :meth:`summary` as a rich table (see :func:`~.stats.print_summary`)."""
+        print_summary(self.summary(), console)
+
+    # --- the attention step ----------------------------------------------------------------
+
+    def _attend(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                mask: Tensor | None, dropout: float, scaling: float | None,
+                kwargs: dict[str, Any]) -> tuple[Tensor, None]:
+        layer = self._layers[module.layer_idx]
+        if kwargs.get("softcap") is not None:
+            raise ValueError(
+                f"nucleus_attn: layer {module.layer_idx} soft-caps its attention logits, "
+                "which SDPA and the sparse methods do not support; disable sparse decode "
+                "for this model"
+            )
+        q_len, n = query.shape[2], key.shape[2]
+        windowed = kwargs.get("sliding_window") is not None
+        if windowed and layer.stats.kind == "sparse":
+            layer.stats.kind = "sliding"
+        if q_len > 1 or layer.stats.dense or module.training:
+            # prefill, dense layers, the dense method: transformers' SDPA, which runs GQA
+            # without repeating KV heads and without a mask when nothing is padded
+            if q_len > 1 and n == q_len:
+                layer.forget()  # an empty cache: a new sequence starts
+            elif q_len == 1:
+                layer.stats.add_dense(query.shape[0])
+            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        return self._sparse_step(layer, module, query, key, value, mask, scaling)
+
+    def _sparse_step(self, layer: _Layer, module: nn.Module, query: Tensor, key: Tensor,
+                     value: Tensor, mask: Tensor | None,
+                     scaling: float | None) -> tuple[Tensor, None]:
+        b, _, _, d = query.shape
+        n = key.shape[2]
+        span, padded = self._key_span(mask, b, n, key.device)
+        if not layer.built or layer.batch != b or n <= layer.n:
+            # a new sequence (or a cache that was cropped or reordered): rebuild
+            if padded:
+                _check_left_padded(mask, span)
+            layer.state = new_state(self.config, key, span)
+            layer.built = True
+        elif layer.state is not None:
+            layer.state.extend(key, span)
+        layer.n, layer.batch = n, b
+        if scaling is None:
+            scaling = getattr(module, "scaling", d**-0.5)
+        q = query[:, :, 0].contiguous()  # [B, Hq, d]
+        out, info = decode_step(q, key, value, self.config, layer.state, span, scaling,
+                                padded=padded, diagnostics=self.diagnostics)
+        layer.stats.add(info)
+        return out[:, None], None
+
+    def _key_span(self, mask: Tensor | None, b: int, n: int,
+                  device: torch.device) -> tuple[KeySpan, bool]:
+        """The valid keys of this step and whether there is padding (once per step)."""
+        key = (b, n, device)
+        cached = self._span_key
+        if cached is not None and cached[0] is mask and cached[1:] == key:
+            return self._span  # type: ignore[return-value]
+        if mask is None:
+            span = (KeySpan.full(b, n, device), False)
+        else:
+            starts = _valid_keys(mask, b, n).to(torch.int8).argmax(-1)
+            span = (KeySpan(starts, torch.full_like(starts, n), n), True)
+        self._span_key, self._span = (mask, *key), span
+        return span
+
+
+def _valid_keys(mask: Tensor, b: int, n: int) -> Tensor:
+    """``[B, N]`` bool: the keys the decode query may attend to, from a 4D mask."""
+    row = mask[:, 0, -1, :]
+    if row.dtype != torch.bool:  # an additive float mask: 0 where allowed
+        row = row > torch.finfo(row.dtype).min / 2
+    return row.expand(b, n)
+
+
+def _check_left_padded(mask: Tensor, span: KeySpan) -> None:
+    """Raise unless every sequence's valid keys are one block ending at the last position.
+
+    One host sync, at the first decode step of each sequence.
+    """
+    valid = _valid_keys(mask, span.starts.shape[0], span.n)
+    expected = span.positions() >= span.starts[:, None]
+    if not bool((valid == expected).all()):
+        raise ValueError(
+            "nucleus_attn: the decode attention mask has masked positions after the first "
+            "token of a sequence (right padding, a custom attention mask, or a static / "
+            "pre-allocated KV cache); sparse decode needs left-padded batches "
+            "(tokenizer.padding_side = 'left') and transformers' default dynamic cache"
+        )
+
+
+# --- enable ----------------------------------------------------------------------------------
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"enable() needs a loaded transformers model (a PreTrainedModel such as "
+            f"AutoModelForCausalLM.from_pretrained(...)), got {type(model).__name__}"
+        )
+    config = model.config
+    model_type = getattr(config, "model_type", "?")
+    supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    if config.is_encoder_decoder or not model.can_generate():
+        raise ValueError(
+            f"enable() needs a decoder-only causal LM (e.g. AutoModelForCausalLM); "
+            f"{type(model).__name__} (model type {model_type!r}) cannot generate. "
+            f"Supported model types: {supported}"
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} ({type(model).__name__}) is not supported by "
+            f"nucleus_attn.enable; supported model types: {supported}"
+        )
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set():
+        raise ValueError(
+            f"{type(model).__name__} does not route its attention through transformers' "
+            "AttentionInterface, so sparse decode cannot be switched on; upgrade "
+            "transformers (>= 5.17) or use a supported model type: " + supported
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"model type {model_type!r} soft-caps attention logits "
+            f"(attn_logit_softcapping={config.attn_logit_softcapping}), which SDPA and the "
+            "sparse methods do not support"
+        )
+    if not getattr(config, "is_causal", True) or getattr(
+            config, "use_bidirectional_attention", False):
+        raise ValueError(f"model type {model_type!r} is configured for bidirectional "
+                         "attention; sparse decode needs causal attention")
+    kinds = set(getattr(config, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES)
+    if kinds:
+        raise ValueError(
+            f"model {type(model).__name__} has attention layers of type {sorted(kinds)}; "
+            f"nucleus_attn handles {', '.join(SUPPORTED_LAYER_TYPES)}"
+        )
+
+
+def _attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """Self-attention modules in layer order (those with ``layer_idx`` and a ``k_proj``)."""
+    found = {}
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and hasattr(module, "k_proj") and idx not in found:
+            found[idx] = module
+    return [found[i] for i in sorted(found)]
+
+
+def _layer_kind(model: PreTrainedModel, module: nn.Module, index: int, cfg: MethodConfig,
+                dense_layers: int) -> str:
+    if index < dense_layers or cfg.name == "dense":
+        return "dense"
+    layer_types = getattr(model.config, "layer_types", None)
+    if getattr(module, "sliding_window", None) is not None or (
+        layer_types and layer_types[index] == "sliding_attention"
+    ):
+        return "sliding"
+    if model.config.model_type == "mistral" and getattr(model.config, "sliding_window", None):
+        return "sliding"  # Mistral passes config.sliding_window to every layer
+    return "sparse"
+
+
+def enable(
+    model: PreTrainedModel,
+    method: str | MethodConfig = "twilight",
+    *,
+    dense_layers: int = 2,
+    diagnostics: bool = False,
+    **params: Any,
+) -> SparseDecodeHandle:
+    """Turn sparse decode attention on for a loaded transformers decoder.
+
+    Prefill stays dense (transformers' SDPA attention). Each decode step of each layer
+    from ``dense_layers`` on keeps only the keys the method selects, per KV head, and
+    attends exactly over them. ``model.generate(...)`` then works as usual: greedy or
+    sampling, batches with left padding, thousands of new tokens.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A decoder-only causal LM of a supported type (:data:`SUPPORTED_MODEL_TYPES`:
+        Llama, Mistral, Qwen2, Qwen3, Gemma3 text).
+    method : str or MethodConfig
+        A registered method name (:func:`nucleus_attn.methods`) or a config such as
+        ``nucleus_attn.Twilight(p=0.9)``. Default ``"twilight"``.
+    dense_layers : int
+        The first layers that stay dense (default 2, as in Quest and Twilight).
+    diagnostics : bool
+        Also measure, at every step, the exact softmax mass of the kept keys per query
+        head (reads every key: slow; default False). Kept token counts are always
+        recorded.
+    **params
+        The method's parameters (e.g. ``p=0.9``, ``base_budget=512``).
+
+    Returns
+    -------
+    SparseDecodeHandle
+        Call ``.disable()`` (or use it in a ``with`` block) to restore the model;
+        ``.summary()`` gives the kept fraction and mass per layer and head.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a transformers model, or a parameter is unknown to the method.
+    ValueError
+        The model type or one of its attention features (soft-capping, other layer
+        types) is not supported, sparse decode is already on for this model, or a
+        parameter is out of range.
+
+    Notes
+    -----
+    - Sliding-window layers (Mistral, Gemma3's local layers) run dense SDPA with the
+      window mask transformers gives: their window keeps its exact meaning, and they count
+      as dense in the statistics. A Mistral config with ``sliding_window`` set thus runs
+      every layer dense.
+    - The method's metadata (page bounds, 4-bit keys, clusters) is built per layer from
+      the whole cache at the first decode step of a sequence, then extended with each
+      appended token. A prefill on an empty cache starts a new sequence; a different
+      batch size or a cache that did not grow rebuilds it.
+    - Needs transformers' default dynamic cache and left padding; beam search (which
+      reorders the cache rows behind the attention function) is not supported.
+
+    Examples
+    --------
+    >>> import nucleus_attn as na
+    >>> with na.enable(model, "twilight", p=0.95) as handle:  # doctest: +SKIP
+    ...     out = model.generate(**inputs, max_new_tokens=256)
+    ...     print(handle.summary()["mean_kept_fraction"])
+    """
+    cfg = make_config(method, **params)
+    if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
+        raise ValueError(f"dense_layers={dense_layers!r} must be an int >= 0 (the first layers "
+                         "kept dense; 2 by default)")
+    _check_model(model)
+    if model in _ENABLED:
+        raise ValueError(
+            f"sparse decode is already enabled on this model ({_ENABLED[model].config}); "
+            "call .disable() on the first handle before enabling again"
+        )
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(f"found no attention layers with a layer_idx in "
+                         f"{type(model).__name__}; it is not a supported decoder")
+    previous = model.config._attn_implementation or "sdpa"
+    config = model.config
+    q_heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
+    layers = {
+        m.layer_idx: _Layer(LayerStats(m.layer_idx, _layer_kind(model, m, m.layer_idx, cfg,
+                                                                 dense_layers),
+                                       q_heads, kv_heads))
+        for m in modules
+    }
+    AttentionInterface.register(ATTN_NAME, nucleus_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    model.set_attn_implementation(ATTN_NAME)
+    if model.config._attn_implementation != ATTN_NAME:
+        model.set_attn_implementation(previous)
+        raise ValueError(f"{type(model).__name__} refused the attention implementation "
+                         f"{ATTN_NAME!r}; it does not support switching attention at runtime")
+    handle = SparseDecodeHandle(model, cfg, dense_layers, bool(diagnostics), previous, layers,
+                                modules)
+    for module in modules:
+        _OWNER[module] = handle
+    _ENABLED[model] = handle
+    return handle
