@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from .. import ops
@@ -23,7 +22,6 @@ from .base import (
     check_budget,
     check_int,
     grow,
-    keep_best,
     resolve_budget,
 )
 
@@ -105,18 +103,8 @@ def select_pages(
     ps, hkv = pages.page_size, pages.kmin.shape[1]
     p = pages.pages
     bounds = ops.page_scores(q, pages.kmin[:, :, :p], pages.kmax[:, :, :p], span, ps)
-    agg = ops.group_logsoftmax_max(bounds * scale, hkv)
-    pos = span.positions().expand(span.starts.shape[0], -1)
-    forced_tok = span.forced(pos, sink, max(window, 1))
-    forced = torch.nn.functional.pad(forced_tok, (0, p * ps - span.n)).view(-1, 1, p, ps)
-    forced = forced.any(-1).expand_as(agg)
-    chosen = keep_best(agg, math.ceil(budget / ps), forced)
-    # forced pages: at most ceil(sink/ps)+1 at the start, ceil(window/ps)+1 at the end
-    most = math.ceil(budget / ps) + math.ceil(sink / ps) + math.ceil(max(window, 1) / ps) + 2
-    ids, cnt = ops.mask_to_indices(chosen, capacity=min(p, most))
-    live = torch.arange(ids.shape[-1], device=ids.device) < cnt[..., None]
-    ids = torch.where(live, ids, torch.full_like(ids, p))  # page p lies past every span
-    return ops.pages_to_tokens(ids, ps, span)
+    return ops.topk_pages(bounds, hkv, span, ps, math.ceil(budget / ps), sink, max(window, 1),
+                          scale)
 
 
 def select(q: Tensor, k: Tensor, state: PageState, span: KeySpan, cfg: QuestConfig,

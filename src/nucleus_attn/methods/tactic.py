@@ -23,6 +23,7 @@ re-clustered once ``recluster_every`` such tokens have accumulated.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -95,8 +96,10 @@ class TacticConfig(MethodConfig):
 
 @dataclass
 class ClusterState:
-    """One layer's clusters: centroids ``[B, Hkv, C, d]``, labels ``[B, Hkv, N]`` (-1 =
-    padding or appended after clustering), sizes ``[B, Hkv, C]``."""
+    """One layer's clusters: centroids ``[B, Hkv, C, d]`` (in the keys' dtype), labels
+    ``[B, Hkv, N]`` (-1 = padding or appended after clustering), sizes ``[B, Hkv, C]``, and
+    the members of each cluster: ``members [B, Hkv, L]`` int32 positions grouped by
+    cluster, the cluster ``c`` at ``offsets[c] : offsets[c] + sizes[c]``."""
 
     cfg: TacticConfig
     centroids: Tensor
@@ -104,11 +107,21 @@ class ClusterState:
     sizes: Tensor
     n: int  # tokens covered
     clustered: int  # positions [0, clustered) were clustered
+    members: Tensor
+    offsets: Tensor
+    max_size: int  # largest cluster (bounds the number of exactly scored tokens)
 
     @staticmethod
     def build(k: Tensor, span: KeySpan, cfg: TacticConfig) -> ClusterState:
         cents, labels, sizes = ops.kmeans(k, span, cfg.cluster_size, cfg.iterations, cfg.segment)
-        return ClusterState(cfg, cents, labels, sizes, k.shape[2], k.shape[2])
+        c = sizes.shape[-1]
+        # members in cluster order (padding, label -1, after every cluster)
+        key = torch.where(labels >= 0, labels, torch.full_like(labels, c))
+        members = torch.argsort(key, dim=-1, stable=True).to(torch.int32)
+        offsets = torch.cumsum(sizes, -1) - sizes
+        max_size = int(sizes.max()) if sizes.numel() else 0  # one host sync, at prefill
+        return ClusterState(cfg, cents.to(k.dtype), labels, sizes, k.shape[2], k.shape[2],
+                            members, offsets, max_size)
 
     def extend(self, k: Tensor, span: KeySpan) -> None:
         n = k.shape[2]
@@ -117,6 +130,8 @@ class ClusterState:
         if n - self.clustered >= self.cfg.recluster_every:
             fresh = ClusterState.build(k, span, self.cfg)
             self.centroids, self.labels, self.sizes = fresh.centroids, fresh.labels, fresh.sizes
+            self.members, self.offsets, self.max_size = (fresh.members, fresh.offsets,
+                                                         fresh.max_size)
             self.clustered = n
         else:
             self.labels = grow(self.labels, n)
@@ -126,6 +141,22 @@ class ClusterState:
 
 def new_state(k: Tensor, span: KeySpan, cfg: TacticConfig) -> ClusterState:
     return ClusterState.build(k, span, cfg)
+
+
+def fixed_tokens(span: KeySpan, clustered: int, n: int, sink: int,
+                 window: int) -> tuple[Tensor, Tensor]:
+    """Positions always attended, ``[B, F]`` (first ``count`` live) and ``count [B]``: the
+    sink, the recent window and the tokens appended since clustering (two ranges, so no
+    per-token mask is built)."""
+    s, e = span.starts, span.ends
+    # the window and the appended tokens together are [a, e); the sink is [s, s + sink)
+    a = torch.maximum(s, torch.minimum(e - window, torch.full_like(e, clustered)))
+    n_sink = (torch.minimum(s + sink, a) - s).clamp(min=0)
+    count = n_sink + (e - a)
+    f = max(1, min(n, sink + max(window, n - clustered)))
+    j = torch.arange(f, device=s.device)[None, :]
+    pos = torch.where(j < n_sink[:, None], s[:, None] + j, a[:, None] + j - n_sink[:, None])
+    return torch.where(j < count[:, None], pos, torch.zeros_like(pos)), count
 
 
 def harmonic(x: Tensor) -> Tensor:
@@ -143,82 +174,99 @@ def curve_sum(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
 
 def select(q: Tensor, k: Tensor, state: ClusterState, span: KeySpan, cfg: TacticConfig,
            scale: float) -> Selection:
-    """Shortest prefix of ranked clusters whose estimated mass reaches p (see module doc)."""
+    """Shortest prefix of ranked clusters whose estimated mass reaches p (see module doc).
+
+    Everything after the centroid scores works per cluster or on the few exactly scored
+    tokens; the tokens of chosen clusters come from the members lists (no per-token pass
+    over the cache). Kept positions are listed cluster by cluster, then the fixed tokens.
+    """
     b, hq, _ = q.shape
     hkv, n = k.shape[1], k.shape[2]
     g = hq // hkv
     if cfg.p >= 1.0:
         return Selection.everything(span, hkv)
-    labels = state.labels[:, :, :n]
     c = state.sizes.shape[-1]
     dev = q.device
+
+    def per_q(x: Tensor) -> Tensor:  # [B, Hkv, ...] -> [B, Hq, ...]
+        return x.repeat_interleave(g, dim=1)
 
     # 1. rank clusters per KV head
     cs = ops.centroid_scores(q, state.centroids, state.sizes, scale)
     order = torch.argsort(ops.group_logsoftmax_max(cs, hkv), dim=-1, descending=True)
-    ranks = torch.arange(c, device=dev).expand_as(order)
-    rank_of = torch.empty_like(order).scatter_(-1, order, ranks)
-    size_r = state.sizes.gather(-1, order).float()  # sizes in rank order
-    cum = torch.cumsum(size_r, -1)  # tokens through rank j
+    ranks = torch.arange(c, device=dev)
+    size_r = state.sizes.gather(-1, order)  # sizes in rank order
+    cum = torch.cumsum(size_r.float(), -1)  # tokens through rank j
     before = cum - size_r
     total = cum[..., -1:]  # clustered valid tokens
-    tok_rank = torch.where(labels >= 0, rank_of.gather(-1, labels.clamp(min=0)),
-                           torch.full_like(labels, c))
 
     # 2. tokens scored exactly: head clusters, two sampled segments, always-kept tokens
     head_tokens = torch.ceil(cfg.exact_fraction * total).clamp(min=1)
     n_head = (before < head_tokens).sum(-1, keepdim=True)  # clusters in the head
+    in_head = ranks < n_head  # by rank
     segs = []
     for frac in cfg.sample_positions:
         x0 = torch.floor(frac * total)
-        in_seg = (cum > x0) & (before < x0 + cfg.sample_tokens)  # rank range overlaps
-        segs.append(in_seg)
-    valid = span.valid_mask()[:, None, :]
-    fixed = valid & ((labels < 0) | span.forced(span.positions().expand(b, -1), cfg.sink,
-                                                 cfg.window)[:, None, :])
-    in_head_tok = tok_rank < n_head
-    seg_tok = [s.gather(-1, tok_rank.clamp(max=c - 1)) & (tok_rank < c) for s in segs]
-    scored = fixed | in_head_tok | seg_tok[0] | seg_tok[1]
-    idx, cnt = ops.mask_to_indices(scored)
-    logits = ops.gathered_scores(q, k, idx, cnt, scale)  # [B, Hq, M]
-    w = ops.topp_weights(logits)  # exp(l - max), 0 past counts
-    live = torch.arange(idx.shape[-1], device=dev) < cnt[..., None]
-
-    def per_token(x: Tensor) -> Tensor:  # [B, Hkv, N] -> [B, Hq, M] at the scored tokens
-        return x.gather(-1, idx).repeat_interleave(g, dim=1) & live.repeat_interleave(g, dim=1)
-
-    is_fixed, is_head = per_token(fixed), per_token(in_head_tok)
-    rank_m = tok_rank.gather(-1, idx).repeat_interleave(g, dim=1)
-    e_fixed = (w * is_fixed).sum(-1, keepdim=True)  # [B, Hq, 1]
+        segs.append((cum > x0) & (before < x0 + cfg.sample_tokens))  # rank range overlaps
+    take = torch.where(in_head | segs[0] | segs[1], size_r, torch.zeros_like(size_r))
+    # head <= head_tokens + one cluster, a segment <= sample_tokens + two clusters
+    cap = min(n, math.ceil(cfg.exact_fraction * n) + 2 * cfg.sample_tokens
+              + 5 * state.max_size + 1)
+    tok, tcnt, trank = ops.cluster_tokens(order, take, state.offsets, state.members, cap)
+    fixed, fcnt = fixed_tokens(span, state.clustered, n, cfg.sink, cfg.window)
+    fixed = fixed[:, None, :].expand(b, hkv, -1)
+    fcnt = fcnt[:, None].expand(b, hkv)
+    lt = ops.gathered_scores(q, k, tok, tcnt, scale)  # [B, Hq, S]
+    lf = ops.gathered_scores(q, k, fixed, fcnt, scale)  # [B, Hq, F]
+    m = torch.maximum(lt.amax(-1, keepdim=True), lf.amax(-1, keepdim=True))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wt, wf = torch.exp(lt - m), torch.exp(lf - m)  # exp(l - max), 0 past the counts
+    live = torch.arange(cap, device=dev) < tcnt[..., None]
+    trank = torch.where(live, trank, torch.zeros_like(trank))  # unspecified past the counts
+    tok_fixed = span.forced(tok, cfg.sink, cfg.window) & live  # sink/window among members
+    e_fixed = wf.sum(-1, keepdim=True)  # [B, Hq, 1]
 
     # 3. fit y = a/x + b through the two segments' mean weights at their mean ranks
     ys, xs = [], []
-    for s, st in zip(segs, seg_tok, strict=True):
-        tok = per_token(st)
-        ntok = tok.sum(-1, keepdim=True).clamp(min=1)
-        ys.append((w * tok).sum(-1, keepdim=True) / ntok)
+    for s in segs:
+        in_s = per_q(s.gather(-1, trank) & live)
+        ntok = in_s.sum(-1, keepdim=True).clamp(min=1)
+        ys.append((wt * in_s).sum(-1, keepdim=True) / ntok)
         lo = torch.where(s, before, torch.full_like(before, float("inf"))).amin(-1, keepdim=True)
         hi = torch.where(s, cum, torch.zeros_like(cum)).amax(-1, keepdim=True)
-        xs.append(((lo + hi) / 2 + 0.5).clamp(min=1).repeat_interleave(g, dim=1))
+        xs.append(per_q(((lo + hi) / 2 + 0.5).clamp(min=1)))
     (y1, y2), (x1, x2) = ys, xs
     a = ((y1 - y2) / (1 / x1 - 1 / x2).clamp(min=1e-12)).clamp(min=0)
     bb = torch.where(a > 0, y1 - a / x1, (y1 + y2) / 2)
 
     # 4. estimated mass per ranked cluster: exact in the head, fitted curve elsewhere
-    head_bucket = torch.where(is_head & ~is_fixed, rank_m, torch.full_like(rank_m, c))
-    exact = torch.zeros(b, hq, c + 1, device=dev).scatter_add_(-1, head_bucket, w)[..., :c]
-    cum_q, before_q = cum.repeat_interleave(g, dim=1), before.repeat_interleave(g, dim=1)
-    fitted = curve_sum(a, bb, cum_q) - curve_sum(a, bb, before_q)
-    in_head_r = torch.arange(c, device=dev) < n_head.repeat_interleave(g, dim=1)
-    est = torch.where(in_head_r, exact, fitted)
+    # (each cluster's slots are contiguous in the scored list: per-cluster sums are
+    # differences of a float64 prefix sum, without atomics)
+    head_slot = per_q(in_head.gather(-1, trank) & live & ~tok_fixed)
+    prefix_w = torch.nn.functional.pad(
+        torch.cumsum(torch.where(head_slot, wt, torch.zeros_like(wt)).double(), -1), (1, 0))
+    end = torch.cumsum(take, -1).clamp(max=cap)
+    exact = (prefix_w.gather(-1, per_q(end)) - prefix_w.gather(-1, per_q(end - take))).float()
+    fitted = curve_sum(a, bb, per_q(cum)) - curve_sum(a, bb, per_q(before))
+    est = torch.where(per_q(in_head), exact, fitted)
     mass_before = e_fixed + torch.cumsum(est, -1) - est  # mass kept without cluster j
     z = e_fixed + est.sum(-1, keepdim=True)
     need = (mass_before < cfg.p * z).sum(-1)  # clusters each query head needs
     prefix = need.view(b, hkv, g).amax(-1, keepdim=True)
 
-    keep = fixed | (valid & (tok_rank < prefix))
-    kept, kcnt = ops.mask_to_indices(keep)
-    return Selection(kept, kcnt, span.lengths[:, None].expand(-1, hkv))
+    # 5. keep every member of the first `prefix` clusters, and the fixed tokens that are not
+    # among them (appended ones, or sink/window tokens of later clusters)
+    take = torch.where(ranks < prefix, size_r, torch.zeros_like(size_r))
+    kept, kcnt, _ = ops.cluster_tokens(order, take, state.offsets, state.members, n + 1,
+                                       with_ranks=False)
+    rank_of = torch.empty_like(order).scatter_(-1, order, ranks.expand_as(order))
+    lab = state.labels[:, :, :n].gather(-1, fixed)
+    covered = (lab >= 0) & (rank_of.gather(-1, lab.clamp(min=0)) < prefix)
+    extra = (torch.arange(fixed.shape[-1], device=dev) < fcnt[..., None]) & ~covered
+    slot = torch.where(extra, kcnt[..., None] + torch.cumsum(extra, -1) - 1,
+                       torch.full_like(fixed, n))  # column n is a dump for the others
+    kept.scatter_(-1, slot, fixed)
+    return Selection(kept[..., :n], kcnt + extra.sum(-1), span.lengths[:, None].expand(-1, hkv))
 
 
 SPEC = MethodSpec("tactic", TacticConfig, select, new_state)

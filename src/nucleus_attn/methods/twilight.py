@@ -131,7 +131,8 @@ def select(q: Tensor, k: Tensor, state: TwilightState, span: KeySpan, cfg: Twili
         cand, ccnt = select_pages(q, state.pages, span, budget, cfg.sink, cfg.window, scale)
     keys = state.keys
     est = ops.int4_scores(q, keys.codes, keys.scale, keys.zero, cand, ccnt, scale)
-    kept, kcnt = ops.topp_select(est, cand, ccnt, cfg.p, span.forced(cand, cfg.sink, cfg.window))
+    kept, kcnt = ops.topp_select(est, cand, ccnt, cfg.p, span=span, sink=cfg.sink,
+                                 window=cfg.window)
     return Selection(kept, kcnt, ccnt)
 
 

@@ -7,8 +7,8 @@ backend can call the ops unchanged.
 """
 
 from .attention import dense_attention, gathered_scores, sparse_attention
-from .clusters import assign_nearest, centroid_scores, kmeans
-from .pages import page_minmax, page_scores, page_valid, pages_to_tokens
+from .clusters import assign_nearest, centroid_scores, cluster_tokens, kmeans
+from .pages import page_minmax, page_scores, page_valid, pages_to_tokens, topk_pages
 from .quant import dequantize_int4, int4_scores, quantize_int4
 from .select import (
     compact,
@@ -17,11 +17,12 @@ from .select import (
     mask_to_indices,
     topk_with_forced,
 )
-from .topp import topp_select, topp_threshold_reference, topp_weights
+from .topp import topp_select, topp_threshold, topp_threshold_reference, topp_weights
 
 __all__ = [
     "assign_nearest",
     "centroid_scores",
+    "cluster_tokens",
     "compact",
     "dense_attention",
     "dequantize_int4",
@@ -37,8 +38,10 @@ __all__ = [
     "pages_to_tokens",
     "quantize_int4",
     "sparse_attention",
+    "topk_pages",
     "topk_with_forced",
     "topp_select",
+    "topp_threshold",
     "topp_threshold_reference",
     "topp_weights",
 ]

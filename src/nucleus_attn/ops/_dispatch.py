@@ -1,24 +1,35 @@
-"""Choosing between an op's torch reference and its Triton kernel.
+"""Choosing between an op's torch reference and its Triton kernel, and launching kernels.
 
 Every public op takes ``impl="auto" | "torch" | "triton"``. ``"auto"`` reads the
 environment variable ``NUCLEUS_ATTN_BACKEND`` (``torch`` or ``triton``) and otherwise
 runs Triton on CUDA tensors and the torch reference elsewhere. Triton on CPU tensors
 needs Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI tests the kernels.
+
+Kernels are written as plain functions decorated with :func:`kernel`; they become
+``triton.jit`` functions on their first launch, once per mode (compiled or interpreted),
+so that ``TRITON_INTERPRET`` is read when a kernel first runs rather than when this
+package is imported, and a CPU-only install without triton imports cleanly.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import Tensor
 
 IMPLS = ("auto", "torch", "triton")
 
 try:  # Triton is optional: the torch references need nothing but torch.
     import triton  # noqa: F401
+    import triton.language as tl
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only on installs without triton
+    tl = None  # type: ignore[assignment]
     HAS_TRITON = False
 
 
@@ -54,3 +65,75 @@ def use_triton(impl: str, *tensors: Tensor) -> bool:
             "set TRITON_INTERPRET=1 to run Triton's interpreter, or use impl='torch'"
         )
     return True
+
+
+class LazyKernel:
+    """A Triton kernel that is ``triton.jit``-ed on first launch, once per mode.
+
+    ``kernel[grid](*args)`` works as for a ``triton.jit`` function. Kernels must not call
+    other kernels (a compiled kernel cannot call an interpreted one); shared code is a
+    ``tl.constexpr`` switch inside one kernel instead.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._jitted: dict[bool, Any] = {}
+        functools.update_wrapper(self, fn)
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        mode = interpreting()
+        if mode not in self._jitted:
+            import triton
+
+            self._jitted[mode] = triton.jit(self.fn)
+        return self._jitted[mode][grid]
+
+
+def kernel(fn: Callable[..., Any]) -> LazyKernel:
+    """Decorator: a Triton kernel compiled (or interpreted) on its first launch."""
+    return LazyKernel(fn)
+
+
+# --- launch helpers ----------------------------------------------------------------------
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of positive ints."""
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two >= x (1 for x <= 1)."""
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def dot_block(g: int) -> int:
+    """Rows of a ``tl.dot`` operand holding ``g`` query heads (tensor cores need >= 16)."""
+    return max(16, next_pow2(g))
+
+
+def dot_in_f32(*tensors: Tensor) -> bool:
+    """Whether ``tl.dot`` operands must be float32 (fp32 inputs, or the CPU interpreter,
+    whose 16-bit dot products are wrong in Triton 3.6)."""
+    return interpreting() or any(t.dtype == torch.float32 for t in tensors)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 in the interpreter, to keep grids small)."""
+    if device.type != "cuda":
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def row_strides(x: Tensor) -> tuple[int, int, int]:
+    """Strides (batch, head, position) of a ``[B, H, N, d]`` tensor whose last dim is dense."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def last_dim_dense(x: Tensor) -> Tensor:
+    """``x`` itself when its last dimension is contiguous, else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()

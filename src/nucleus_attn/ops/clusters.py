@@ -16,7 +16,17 @@ import torch
 from torch import Tensor
 
 from ..span import KeySpan
-from ._dispatch import use_triton
+from ._dispatch import (
+    cdiv,
+    dot_block,
+    dot_in_f32,
+    kernel,
+    last_dim_dense,
+    next_pow2,
+    row_strides,
+    tl,
+    use_triton,
+)
 
 # --- nearest centroid --------------------------------------------------------------------
 
@@ -44,9 +54,77 @@ def assign_nearest_reference(keys: Tensor, centroids: Tensor, alive: Tensor) -> 
     return score.argmax(-1)
 
 
+@kernel
+def _assign_nearest_kernel(
+    keys_ptr, cent_ptr, alive_ptr, labels_ptr,
+    stride_kb, stride_kh, stride_kl, stride_cb, stride_ch, stride_cc, H, L, C, D,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # one program per (sequence, head, BLOCK_L keys): scans every centroid in blocks,
+    # keeping the running best score (k.c - |c|^2 / 2) and its first index
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    ml = offs_l < L
+    offs_d = tl.arange(0, BLOCK_D)
+    md = offs_d < D
+    kt = tl.load(keys_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+                 + offs_l[:, None].to(tl.int64) * stride_kl + offs_d[None, :],
+                 mask=ml[:, None] & md[None, :], other=0.0).to(tl.float32)
+    cbase = cent_ptr + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+    best = tl.full([BLOCK_L], float("-inf"), tl.float32)
+    arg = tl.zeros([BLOCK_L], tl.int32)
+    c0 = 0
+    while c0 < C:  # (a while loop: the 3.6 interpreter cannot run range(runtime int))
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        ct = tl.load(cbase + offs_c[:, None].to(tl.int64) * stride_cc + offs_d[None, :],
+                     mask=mc[:, None] & md[None, :], other=0.0).to(tl.float32)
+        alive = tl.load(alive_ptr + bh.to(tl.int64) * C + offs_c, mask=mc, other=0) != 0
+        s = tl.dot(kt, tl.trans(ct), input_precision="tf32x3")
+        s = s - 0.5 * tl.sum(ct * ct, axis=1)[None, :]
+        s = tl.where((alive & mc)[None, :], s, float("-inf"))
+        cmax = tl.max(s, axis=1)
+        carg = tl.argmax(s, axis=1).to(tl.int32)
+        better = cmax > best
+        best = tl.where(better, cmax, best)
+        arg = tl.where(better, carg + c0, arg)
+        c0 += BLOCK_C
+    tl.store(labels_ptr + bh.to(tl.int64) * L + offs_l, arg.to(tl.int64), mask=ml)
+
+
+def assign_nearest_triton(keys: Tensor, centroids: Tensor, alive: Tensor) -> Tensor:
+    """Triton version of :func:`assign_nearest_reference` (same contract). Products run on
+    tensor cores as three tf32 passes (float32 accuracy); near-ties may resolve differently
+    from the reference's summation order."""
+    keys, centroids = last_dim_dense(keys), last_dim_dense(centroids)
+    b, h, n, d = keys.shape
+    c = centroids.shape[2]
+    labels = torch.empty(b, h, n, dtype=torch.int64, device=keys.device)
+    if n == 0:
+        return labels
+    alive = alive.to(torch.int8).contiguous()
+    block_d = max(16, next_pow2(d))
+    block_l = max(16, min(64, next_pow2(n)))
+    block_c = max(16, min(64, next_pow2(c)))
+    _assign_nearest_kernel[(b * h, cdiv(n, block_l))](
+        keys, centroids, alive, labels, *row_strides(keys), *row_strides(centroids),
+        h, n, c, d, BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=8,
+    )
+    return labels
+
+
 def assign_nearest(keys: Tensor, centroids: Tensor, alive: Tensor, *, impl: str = "auto") -> Tensor:
     """Nearest-centroid labels; see :func:`assign_nearest_reference`."""
-    use_triton(impl, keys, centroids)
+    if centroids.shape[:2] != keys.shape[:2] or centroids.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"centroids {tuple(centroids.shape)} must be [B, H, C, d] matching "
+                         f"keys {tuple(keys.shape)}")
+    if alive.shape != centroids.shape[:3]:
+        raise ValueError(f"alive {tuple(alive.shape)} must be [B, H, C] = "
+                         f"{tuple(centroids.shape[:3])}")
+    if use_triton(impl, keys, centroids):
+        return assign_nearest_triton(keys, centroids, alive)
     return assign_nearest_reference(keys, centroids, alive)
 
 
@@ -131,19 +209,212 @@ def kmeans(
 def centroid_scores_reference(q: Tensor, centroids: Tensor, sizes: Tensor, scale: float) -> Tensor:
     """``scale * q . centroid`` per query head and cluster, ``-inf`` for empty clusters.
 
-    ``q [B, Hq, d]``, ``centroids [B, Hkv, C, d]``, ``sizes [B, Hkv, C]``; returns
-    ``[B, Hq, C]`` float32.
+    ``q [B, Hq, d]``, ``centroids [B, Hkv, C, d]`` (any float dtype), ``sizes [B, Hkv, C]``;
+    returns ``[B, Hq, C]`` float32.
     """
     b, hq, d = q.shape
     hkv, c = centroids.shape[1], centroids.shape[2]
-    s = torch.einsum("bhgd,bhcd->bhgc", q.float().view(b, hkv, hq // hkv, d), centroids) * scale
+    # reads: C * d centroid values per KV head, once for the whole group
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    s = torch.einsum("bhgd,bhcd->bhgc", qg, centroids.float()) * scale
     s = torch.where((sizes > 0)[:, :, None, :], s, torch.full_like(s, float("-inf")))
     return s.view(b, hq, c)
+
+
+@kernel
+def _centroid_scores_kernel(
+    q_ptr, cent_ptr, sizes_ptr, out_ptr,
+    stride_qb, stride_qh, stride_cb, stride_ch, stride_cc, stride_sb, stride_sh,
+    HKV, C, D, scale,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # one program per (sequence, KV head, BLOCK_C centroids), scored for the whole group
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    offs_d = tl.arange(0, BLOCK_D)
+    md = offs_d < D
+    ct = tl.load(cent_ptr + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+                 + offs_c[:, None].to(tl.int64) * stride_cc + offs_d[None, :],
+                 mask=mc[:, None] & md[None, :], other=0.0)
+    g = tl.arange(0, BLOCK_G)
+    mg = g < GROUP
+    qt = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * GROUP + g)[:, None] * stride_qh
+                 + offs_d[None, :], mask=mg[:, None] & md[None, :], other=0.0)
+    if DOT_F32:
+        s = tl.dot(qt.to(tl.float32), tl.trans(ct.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(qt, tl.trans(ct.to(qt.dtype)))
+    size = tl.load(sizes_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + offs_c,
+                   mask=mc, other=0)
+    s = tl.where((size > 0)[None, :], s * scale, float("-inf"))
+    out = out_ptr + (b.to(tl.int64) * HKV * GROUP + h * GROUP + g[:, None]) * C + offs_c[None, :]
+    tl.store(out, s, mask=mg[:, None] & mc[None, :])
+
+
+def centroid_scores_triton(q: Tensor, centroids: Tensor, sizes: Tensor, scale: float) -> Tensor:
+    """Triton version of :func:`centroid_scores_reference` (same contract)."""
+    q, centroids = last_dim_dense(q), last_dim_dense(centroids)
+    sizes = last_dim_dense(sizes)
+    b, hq, d = q.shape
+    hkv, c = centroids.shape[1], centroids.shape[2]
+    out = torch.empty(b, hq, c, dtype=torch.float32, device=q.device)
+    if c == 0:
+        return out
+    g = hq // hkv
+    block_d = max(16, next_pow2(d))
+    block_c = max(16, min(128, 8192 // block_d, next_pow2(c)))
+    _centroid_scores_kernel[(b * hkv, cdiv(c, block_c))](
+        q, centroids, sizes, out, q.stride(0), q.stride(1), *row_strides(centroids),
+        sizes.stride(0), sizes.stride(1), hkv, c, d, float(scale),
+        GROUP=g, BLOCK_G=dot_block(g), BLOCK_C=block_c, BLOCK_D=block_d,
+        DOT_F32=dot_in_f32(q, centroids), num_warps=8 if dot_in_f32(q, centroids) else 4,
+    )
+    return out
 
 
 def centroid_scores(
     q: Tensor, centroids: Tensor, sizes: Tensor, scale: float, *, impl: str = "auto"
 ) -> Tensor:
     """Centroid logits; see :func:`centroid_scores_reference`."""
-    use_triton(impl, q, centroids)
+    b, hq, d = q.shape
+    if centroids.dim() != 4 or centroids.shape[0] != b or centroids.shape[-1] != d or (
+            hq % centroids.shape[1]):
+        raise ValueError(f"centroids must be [B={b}, Hkv, C, d={d}] with Hkv dividing Hq={hq}, "
+                         f"got {tuple(centroids.shape)}")
+    if sizes.shape != centroids.shape[:3]:
+        raise ValueError(f"sizes {tuple(sizes.shape)} must be [B, Hkv, C] = "
+                         f"{tuple(centroids.shape[:3])}")
+    if use_triton(impl, q, centroids):
+        return centroid_scores_triton(q, centroids, sizes, scale)
     return centroid_scores_reference(q, centroids, sizes, scale)
+
+
+# --- tokens of ranked clusters -----------------------------------------------------------
+
+def cluster_tokens_reference(
+    order: Tensor, take: Tensor, offsets: Tensor, members: Tensor, capacity: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Positions of the first ``take`` members of each ranked cluster, in rank order.
+
+    Parameters
+    ----------
+    order : Tensor
+        ``[B, H, C]`` int64 cluster ids in rank order.
+    take : Tensor
+        ``[B, H, C]`` int64 members to emit of the cluster ranked r (0 skips it; at most its
+        size).
+    offsets : Tensor
+        ``[B, H, C]`` int64 first slot of each cluster's members in ``members``.
+    members : Tensor
+        ``[B, H, L]`` int32 positions grouped by cluster (CSR order).
+    capacity : int
+        Width of the output; members past it are dropped.
+
+    Returns
+    -------
+    tokens : Tensor
+        ``[B, H, capacity]`` int64 positions, first ``counts`` live, 0 after them.
+    counts : Tensor
+        ``[B, H]`` int64.
+    ranks : Tensor
+        ``[B, H, capacity]`` int64 rank of the cluster of each slot (0 after counts).
+    """
+    b, h, c = order.shape
+    # reads: the C-long rows once, and one member position per emitted slot
+    cum = take.cumsum(-1)
+    total = cum[..., -1]
+    j = torch.arange(capacity, device=order.device).expand(b, h, capacity).contiguous()
+    r = torch.searchsorted(cum.contiguous(), j, right=True).clamp(max=c - 1)
+    live = j < total[..., None]
+    before = cum.gather(-1, r) - take.gather(-1, r)
+    start = offsets.gather(-1, order.gather(-1, r))
+    src = (start + j - before).clamp(0, max(members.shape[-1] - 1, 0))
+    pos = members.gather(-1, src).to(torch.int64)
+    zero = torch.zeros_like(pos)
+    return torch.where(live, pos, zero), total.clamp(max=capacity), torch.where(live, r, zero)
+
+
+@kernel
+def _cluster_tokens_kernel(
+    order_ptr, cum_ptr, take_ptr, offsets_ptr, members_ptr, tok_ptr, rank_ptr, counts_ptr,
+    C, L, CAP, WRITE_RANK: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr,
+):
+    # one program per (sequence, head, BLOCK output slots): each slot finds its rank by
+    # binary search over the row's cumulative take counts, then copies one member position
+    # (slots past the row's count do nothing: they are masked, so they move no bytes)
+    row = tl.program_id(0)
+    cbase = row.to(tl.int64) * C
+    total = tl.load(cum_ptr + cbase + C - 1)
+    tl.store(counts_ptr + row, tl.minimum(total, CAP).to(tl.int64), mask=tl.program_id(1) == 0)
+    if tl.program_id(1) * BLOCK >= total:  # a long capacity costs only these early exits
+        return
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = (j < total) & (j < CAP)
+    lo = tl.zeros([BLOCK], tl.int32)
+    hi = tl.full([BLOCK], 0, tl.int32) + C
+    for _ in range(STEPS):  # smallest r with cum[r] > j
+        active = live & (lo < hi)
+        mid = (lo + hi) // 2
+        v = tl.load(cum_ptr + cbase + mid, mask=active, other=0)
+        right = v <= j
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & (~right), mid, hi)
+    r = tl.minimum(lo, C - 1)
+    before = tl.load(cum_ptr + cbase + r, mask=live, other=0) - tl.load(
+        take_ptr + cbase + r, mask=live, other=0)
+    cl = tl.load(order_ptr + cbase + r, mask=live, other=0)
+    start = tl.load(offsets_ptr + cbase + cl, mask=live, other=0)
+    pos = tl.load(members_ptr + row.to(tl.int64) * L + start + j - before, mask=live, other=0)
+    tl.store(tok_ptr + row.to(tl.int64) * CAP + j, pos.to(tl.int64), mask=live)
+    if WRITE_RANK:
+        tl.store(rank_ptr + row.to(tl.int64) * CAP + j, r.to(tl.int64), mask=live)
+
+
+def cluster_tokens_triton(
+    order: Tensor, take: Tensor, offsets: Tensor, members: Tensor, capacity: int,
+    with_ranks: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton version of :func:`cluster_tokens_reference`; slots past ``counts`` are left
+    unwritten (their content is unspecified), so a long capacity costs nothing."""
+    b, h, c = order.shape
+    dev = order.device
+    order, offsets = order.contiguous(), offsets.contiguous()
+    take = take.to(torch.int64).contiguous()
+    members = members.contiguous()
+    cum = take.cumsum(-1)
+    tokens = torch.empty(b, h, capacity, dtype=torch.int64, device=dev)
+    ranks = torch.empty(b, h, capacity if with_ranks else 1, dtype=torch.int64, device=dev)
+    counts = torch.empty(b, h, dtype=torch.int64, device=dev)
+    block = 1024
+    _cluster_tokens_kernel[(b * h, cdiv(max(capacity, 1), block))](
+        order, cum, take, offsets, members, tokens, ranks, counts, c, members.shape[-1],
+        capacity, WRITE_RANK=with_ranks, BLOCK=block, STEPS=max(1, c.bit_length() + 1),
+        num_warps=4,
+    )
+    return tokens, counts, ranks
+
+
+def cluster_tokens(
+    order: Tensor, take: Tensor, offsets: Tensor, members: Tensor, capacity: int, *,
+    with_ranks: bool = True, impl: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Member positions of ranked clusters; see :func:`cluster_tokens_reference`.
+
+    The Triton path leaves the slots past ``counts`` unwritten (their content is
+    unspecified); ``with_ranks=False`` skips the ranks output (then ``[B, H, 1]``).
+    """
+    if order.shape != take.shape or order.shape != offsets.shape:
+        raise ValueError(f"order {tuple(order.shape)}, take {tuple(take.shape)} and offsets "
+                         f"{tuple(offsets.shape)} must all be [B, H, C]")
+    if members.shape[:2] != order.shape[:2]:
+        raise ValueError(f"members {tuple(members.shape)} must be [B, H, L] with B, H of order")
+    if capacity < 0:
+        raise ValueError(f"capacity={capacity} must be >= 0")
+    if order.shape[-1] > 0 and use_triton(impl, order, members):
+        return cluster_tokens_triton(order, take, offsets, members, capacity, with_ranks)
+    tokens, counts, ranks = cluster_tokens_reference(order, take, offsets, members, capacity)
+    return tokens, counts, ranks if with_ranks else ranks[..., :1]

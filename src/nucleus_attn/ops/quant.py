@@ -11,9 +11,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dispatch import use_triton
+from ._dispatch import (
+    cdiv,
+    dot_block,
+    dot_in_f32,
+    kernel,
+    last_dim_dense,
+    next_pow2,
+    row_strides,
+    tl,
+    use_triton,
+)
 
 LEVELS = 15  # 4 bits: codes 0..15
+INV_LEVELS = 1.0 / LEVELS  # a multiplication, not a division: torch divides a CUDA tensor
+# by a Python scalar through its reciprocal, so "/ 15" would round differently per device
 
 
 # --- quantization ------------------------------------------------------------------------
@@ -33,11 +45,12 @@ def quantize_int4_reference(k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     scale, zero : Tensor
         ``[B, Hkv, N]`` in k's dtype; ``k ~= zero + scale * code``.
     """
+    # reads: the keys once (2d bytes a token in 16-bit); writes d/2 + 2 * 2 bytes a token
     kf = k.float()
     lo, hi = kf.amin(-1), kf.amax(-1)
     # Round the parameters to storage precision first so that dequantization with the
     # stored values is exactly what the codes were chosen for.
-    scale = ((hi - lo) / LEVELS).to(k.dtype)
+    scale = ((hi - lo) * INV_LEVELS).to(k.dtype)
     zero = lo.to(k.dtype)
     step = torch.where(scale.float() > 0, scale.float(), torch.ones_like(lo))
     code = torch.round((kf - zero.float()[..., None]) / step[..., None]).clamp_(0, LEVELS)
@@ -46,11 +59,87 @@ def quantize_int4_reference(k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return packed, scale, zero
 
 
+@kernel
+def _quantize_int4_kernel(
+    k_ptr, codes_ptr, scale_ptr, zero_ptr, stride_kb, stride_kh, stride_kn, H, N, D2,
+    INV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D2: tl.constexpr, BF16: tl.constexpr,
+):
+    # one program per (sequence, KV head, BLOCK_T tokens); even and odd channels are
+    # loaded separately so that the two codes of a byte sit in the same lane
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    j = tl.arange(0, BLOCK_D2)
+    mt = t < N
+    m = mt[:, None] & (j < D2)[None, :]
+    base = (k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+            + t[:, None].to(tl.int64) * stride_kn + 2 * j[None, :])
+    ev = tl.load(base, mask=m, other=0.0).to(tl.float32)
+    od = tl.load(base + 1, mask=m, other=0.0).to(tl.float32)
+    lo = tl.minimum(tl.min(tl.where(m, ev, float("inf")), axis=1),
+                    tl.min(tl.where(m, od, float("inf")), axis=1))
+    hi = tl.maximum(tl.max(tl.where(m, ev, float("-inf")), axis=1),
+                    tl.max(tl.where(m, od, float("-inf")), axis=1))
+    lo = tl.where(mt, lo, 0.0)  # rows past N: keep the arithmetic finite
+    hi = tl.where(mt, hi, 0.0)
+    scale = (hi - lo) * INV
+    # round scale and zero to the storage dtype (round to nearest even), as the reference
+    if BF16:  # by hand: the 3.6 interpreter's float32 -> bfloat16 cast does not round to even
+        sb = scale.to(tl.int32, bitcast=True)
+        scale = ((sb + 0x7FFF + ((sb >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        zb = lo.to(tl.int32, bitcast=True)
+        zero = ((zb + 0x7FFF + ((zb >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    else:
+        scale = scale.to(scale_ptr.dtype.element_ty).to(tl.float32)
+        zero = lo.to(zero_ptr.dtype.element_ty).to(tl.float32)
+    step = tl.where(scale > 0, scale, 1.0)[:, None]
+    # round half to even, as torch.round: floor plus a correction from the exact fraction
+    x_ev = tl.math.div_rn(ev - zero[:, None], step)
+    x_od = tl.math.div_rn(od - zero[:, None], step)
+    f_ev = tl.floor(x_ev)
+    f_od = tl.floor(x_od)
+    r_ev = f_ev.to(tl.int32)
+    r_od = f_od.to(tl.int32)
+    d_ev = x_ev - f_ev
+    d_od = x_od - f_od
+    r_ev += ((d_ev > 0.5) | ((d_ev == 0.5) & ((r_ev & 1) == 1))).to(tl.int32)
+    r_od += ((d_od > 0.5) | ((d_od == 0.5) & ((r_od & 1) == 1))).to(tl.int32)
+    r_ev = tl.minimum(tl.maximum(r_ev, 0), 15)
+    r_od = tl.minimum(tl.maximum(r_od, 0), 15)
+    packed = (r_ev | (r_od << 4)).to(tl.uint8)
+    row = bh.to(tl.int64) * N + t
+    tl.store(codes_ptr + row[:, None] * D2 + j[None, :], packed, mask=m)
+    tl.store(scale_ptr + row, scale.to(scale_ptr.dtype.element_ty), mask=mt)
+    tl.store(zero_ptr + row, zero.to(zero_ptr.dtype.element_ty), mask=mt)
+
+
+def quantize_int4_triton(k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton version of :func:`quantize_int4_reference` (same contract and bits)."""
+    k = last_dim_dense(k)
+    b, h, n, d = k.shape
+    codes = torch.empty(b, h, n, d // 2, dtype=torch.uint8, device=k.device)
+    scale = torch.empty(b, h, n, dtype=k.dtype, device=k.device)
+    zero = torch.empty_like(scale)
+    if n == 0 or b * h == 0:
+        return codes, scale, zero
+    block_d2 = next_pow2(d // 2)
+    block_t = max(1, min(64, 4096 // block_d2, next_pow2(n)))
+    _quantize_int4_kernel[(b * h, cdiv(n, block_t))](
+        k, codes, scale, zero, *row_strides(k), h, n, d // 2,
+        INV=INV_LEVELS, BLOCK_T=block_t, BLOCK_D2=block_d2, BF16=k.dtype == torch.bfloat16,
+        num_warps=4,
+    )
+    return codes, scale, zero
+
+
 def quantize_int4(k: Tensor, *, impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """4-bit keys; see :func:`quantize_int4_reference` for the contract."""
-    if k.shape[-1] % 2:
-        raise ValueError(f"int4 keys need an even head dim, got d={k.shape[-1]}")
-    use_triton(impl, k)
+    if k.dim() != 4 or k.shape[-1] % 2:
+        raise ValueError(f"int4 keys need an even head dim and k of shape [B, Hkv, N, d], got "
+                         f"{tuple(k.shape)}")
+    if use_triton(impl, k):
+        return quantize_int4_triton(k)
     return quantize_int4_reference(k)
 
 
@@ -63,6 +152,9 @@ def dequantize_int4(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
 
 
 # --- estimated scores over a candidate set -----------------------------------------------
+
+INT4_BLOCK_M = 128  # candidates per program (tuned on an H100 at the Llama-3-8B shape)
+INT4_WARPS = 4
 
 def int4_scores_reference(
     q: Tensor,
@@ -106,6 +198,90 @@ def int4_scores_reference(
     return torch.where(live, s, torch.full_like(s, float("-inf"))).view(b, hq, m)
 
 
+@kernel
+def _int4_scores_kernel(
+    q_ptr, codes_ptr, scale_ptr, zero_ptr, idx_ptr, counts_ptr, out_ptr,
+    stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_sb, stride_sh,
+    stride_ib, stride_ih, HKV, M, D2, sm_scale,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D2: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # one program per (sequence, KV head, BLOCK_M candidates): each candidate's codes are
+    # read once and scored for the whole query group with two small matrix products,
+    #   q . k^ = zero * sum(q) + scale * (q_even . code_lo + q_odd . code_hi)
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    cnt = tl.load(counts_ptr + bh)
+    slot = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = slot < cnt
+    idx = tl.load(idx_ptr + b.to(tl.int64) * stride_ib + h * stride_ih + slot, mask=live,
+                  other=0).to(tl.int64)
+    j = tl.arange(0, BLOCK_D2)
+    mj = j < D2
+    cbase = codes_ptr + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+    codes = tl.load(cbase + idx[:, None] * stride_cn + j[None, :],
+                    mask=live[:, None] & mj[None, :], other=0)
+    c_lo = codes & 15
+    c_hi = codes >> 4
+    g = tl.arange(0, BLOCK_G)
+    mg = g < GROUP
+    qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * GROUP + g)[:, None] * stride_qh
+    mq = mg[:, None] & mj[None, :]
+    q_ev = tl.load(qrow + 2 * j[None, :], mask=mq, other=0.0)
+    q_od = tl.load(qrow + 2 * j[None, :] + 1, mask=mq, other=0.0)
+    if DOT_F32:
+        q_ev = q_ev.to(tl.float32)
+        q_od = q_od.to(tl.float32)
+        acc = tl.dot(q_ev, tl.trans(c_lo.to(tl.float32)), input_precision="ieee")
+        acc = tl.dot(q_od, tl.trans(c_hi.to(tl.float32)), acc, input_precision="ieee")
+    else:  # codes 0..15 are exact in 16-bit floats; products accumulate in float32
+        acc = tl.dot(q_ev, tl.trans(c_lo.to(q_ev.dtype)))
+        acc = tl.dot(q_od, tl.trans(c_hi.to(q_od.dtype)), acc)
+    qsum = tl.sum(q_ev.to(tl.float32) + q_od.to(tl.float32), axis=1)
+    sbase = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + idx
+    sc = tl.load(scale_ptr + sbase, mask=live, other=0.0).to(tl.float32)
+    ze = tl.load(zero_ptr + sbase, mask=live, other=0.0).to(tl.float32)
+    s = (ze[None, :] * qsum[:, None] + sc[None, :] * acc) * sm_scale
+    s = tl.where(live[None, :], s, float("-inf"))
+    hq = HKV * GROUP
+    out = out_ptr + (b.to(tl.int64) * hq + h * GROUP + g[:, None]) * M + slot[None, :]
+    tl.store(out, s, mask=mg[:, None] & (slot < M)[None, :])
+
+
+def int4_scores_triton(
+    q: Tensor,
+    codes: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    indices: Tensor,
+    counts: Tensor,
+    sm_scale: float,
+) -> Tensor:
+    """Triton version of :func:`int4_scores_reference` (same contract)."""
+    q, codes = last_dim_dense(q), last_dim_dense(codes)
+    if scale.stride() != zero.stride():
+        scale, zero = scale.contiguous(), zero.contiguous()
+    indices = last_dim_dense(indices)
+    counts = counts.contiguous()
+    b, hq, d = q.shape
+    hkv, m = indices.shape[1], indices.shape[2]
+    out = torch.empty(b, hq, m, dtype=torch.float32, device=q.device)
+    if m == 0:
+        return out
+    g = hq // hkv
+    block_d2 = max(16, next_pow2(d // 2))
+    block_m = max(16, min(INT4_BLOCK_M, 8192 // block_d2, next_pow2(m)))
+    _int4_scores_kernel[(b * hkv, cdiv(m, block_m))](
+        q, codes, scale, zero, indices, counts, out, q.stride(0), q.stride(1),
+        *row_strides(codes), scale.stride(0), scale.stride(1), indices.stride(0),
+        indices.stride(1), hkv, m, d // 2, float(sm_scale),
+        GROUP=g, BLOCK_G=dot_block(g), BLOCK_M=block_m, BLOCK_D2=block_d2,
+        DOT_F32=dot_in_f32(q), num_warps=INT4_WARPS,
+    )
+    return out
+
+
 def int4_scores(
     q: Tensor,
     codes: Tensor,
@@ -118,5 +294,9 @@ def int4_scores(
     impl: str = "auto",
 ) -> Tensor:
     """Estimated candidate logits; see :func:`int4_scores_reference` for the contract."""
-    use_triton(impl, q, codes)
+    if codes.shape[-1] * 2 != q.shape[-1]:
+        raise ValueError(f"codes hold d/2={codes.shape[-1]} bytes a key but q has "
+                         f"d={q.shape[-1]}; quantize the keys of this cache")
+    if use_triton(impl, q, codes, indices):
+        return int4_scores_triton(q, codes, scale, zero, indices, counts, sm_scale)
     return int4_scores_reference(q, codes, scale, zero, indices, counts, sm_scale)

@@ -7,6 +7,10 @@ found by halving an interval. Bisecting over the *bit patterns* of float32 (whic
 like the values for non-negative floats) ends on an exact weight after at most 31 steps,
 so the result equals the sort-based definition, ties at the threshold aside (all tied
 weights are kept). Each step is one masked sum per row: no sort, no host sync.
+
+The Triton path runs the same 32 steps on the same weights; its sums are added in another
+order than torch's, so where a candidate mass equals the target to within float32
+rounding (a relative 1e-7 or so) the two paths may settle on neighbouring weights.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dispatch import use_triton
+from ..span import KeySpan
+from ._dispatch import cdiv, interpreting, kernel, next_pow2, tl, use_triton
 from .select import compact
 
 BISECT_STEPS = 32  # bit patterns of weights in [0, 1] span < 2**31 values
+CHUNK = 4096  # row elements a threshold program handles at once
+SURVIVORS = 16384  # weights inside the bisection bracket that are bisected in registers
+KEEP_CHUNK = 1024  # candidates per program of the keep/compaction kernel
 
 
 def topp_threshold_reference(w: Tensor, p: float) -> Tensor:
@@ -35,6 +43,7 @@ def topp_threshold_reference(w: Tensor, p: float) -> Tensor:
     Tensor
         ``[R]`` float32 thresholds; keep ``w >= t``.
     """
+    # reads: the row once per step (BISECT_STEPS passes over R * M floats)
     target = p * w.sum(-1)
     lo = torch.zeros(w.shape[0], dtype=torch.int64, device=w.device)
     hi = w.amax(-1).view(torch.int32).to(torch.int64) + 1
@@ -61,6 +70,10 @@ def topp_select_reference(
     counts: Tensor,
     p: float,
     forced: Tensor | None = None,
+    *,
+    span: KeySpan | None = None,
+    sink: int = 0,
+    window: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Keep, per KV head, the union of its query heads' nucleus sets (plus forced items).
 
@@ -76,18 +89,22 @@ def topp_select_reference(
         Target mass in (0, 1]: each query head keeps the smallest set of candidates
         whose softmax mass (over its candidates) reaches p.
     forced : Tensor, optional
-        ``[B, Hkv, M]`` bool candidates kept regardless (sink and recent window).
+        ``[B, Hkv, M]`` bool candidates kept regardless.
+    span, sink, window : KeySpan, int, int
+        Also keep, regardless, candidates at the first ``sink`` / last ``window`` valid
+        positions of ``span`` (decided from the positions themselves: no mask tensor).
 
     Returns
     -------
     kept : Tensor
         ``[B, Hkv, M]`` int64 kept positions (ascending in candidate order), first
-        ``kept_counts`` live.
+        ``kept_counts`` live, 0 after them.
     kept_counts : Tensor
         ``[B, Hkv]`` int64.
     """
     b, hq, m = logits.shape
     hkv = indices.shape[1]
+    # reads: the logits BISECT_STEPS + 2 times, the indices once; writes the kept indices
     live = torch.arange(m, device=logits.device) < counts[..., None]  # [B, Hkv, M]
     live_q = live.repeat_interleave(hq // hkv, dim=1)
     w = topp_weights(torch.where(live_q, logits.float(), float("-inf")))
@@ -95,7 +112,249 @@ def topp_select_reference(
     keep = ((w >= t) & live_q).view(b, hkv, hq // hkv, m).any(2)
     if forced is not None:
         keep |= forced & live
+    if span is not None and (sink or window):
+        keep |= span.forced(indices, sink, window) & live
     return compact(indices, keep)
+
+
+@kernel
+def _topp_threshold_kernel(
+    x_ptr, counts_ptr, thr_ptr, keep_ptr, scratch_ptr, M, GROUP, p,
+    WEIGHTS: tl.constexpr, CHUNK: tl.constexpr, SMALL: tl.constexpr, STEPS: tl.constexpr,
+    EXACT_EXP: tl.constexpr,
+):
+    # One program per (sequence, query head) row, streaming the row in CHUNKs. x holds
+    # weights (WEIGHTS, all M live) or logits (the first counts[b, h // GROUP] live; the
+    # row's nucleus w >= t is then written as an int8 mask for the union over the group).
+    # The bisection keeps a bracket [lo, hi) of bit patterns with ok(lo) and not ok(hi),
+    # ok(t) = mass(w >= t) >= p * sum(w). It starts at lo0 = (1 - p) * sum(w) / n (all
+    # weights below it hold less than 1 - p of the mass). Weights >= hi are kept whatever
+    # t is and weights < lo never are, so only the weights inside the bracket matter: the
+    # row is streamed for a bisection step while more than SMALL of them remain, then they
+    # are packed into SMALL slots and the remaining steps run in registers.
+    # (while loops: the 3.6 interpreter cannot run range(runtime int))
+    row = tl.program_id(0)
+    base = x_ptr + row.to(tl.int64) * M
+    neg = 0.0 if WEIGHTS else float("-inf")
+    if WEIGHTS:
+        n_live = M
+        mx = 0.0
+    else:
+        n_live = tl.minimum(tl.load(counts_ptr + row // GROUP), M)
+        mx = float("-inf")
+        c0 = 0
+        while c0 < M:
+            offs = c0 + tl.arange(0, CHUNK)
+            mx = tl.maximum(mx, tl.max(tl.load(base + offs, mask=offs < n_live, other=neg),
+                                       axis=0))
+            c0 += CHUNK
+        mx = tl.where(mx > float("-inf"), mx, 0.0)
+    # weights are recomputed from x in every pass; libdevice's expf gives the bits of
+    # torch.exp on CUDA, so every pass (and the reference) sees the same weights
+    total = 0.0
+    wmax = 0.0
+    c0 = 0
+    while c0 < M:
+        offs = c0 + tl.arange(0, CHUNK)
+        x = tl.load(base + offs, mask=offs < n_live, other=neg)
+        w = x if WEIGHTS else libdevice.exp(x - mx) if EXACT_EXP else tl.exp(x - mx)
+        total += tl.sum(w, axis=0)
+        wmax = tl.maximum(wmax, tl.max(w, axis=0))
+        c0 += CHUNK
+    target = p * total
+    hi = wmax.to(tl.int32, bitcast=True) + 1
+    lo0 = (1.0 - p) * total / tl.maximum(n_live, 1).to(tl.float32) * 0.99999
+    lo = tl.minimum(lo0.to(tl.int32, bitcast=True), hi - 1)
+    n_in = (n_live + 1).to(tl.int32)  # inside [lo, hi): not counted yet, so one pass at least
+    steps = 0
+    while (n_in > SMALL) & (steps < STEPS):  # streamed bisection steps
+        mid = (lo + hi) // 2
+        t_mid = mid.to(tl.float32, bitcast=True)
+        t_lo = lo.to(tl.float32, bitcast=True)
+        t_hi = hi.to(tl.float32, bitcast=True)
+        mass = 0.0
+        n_low = 0  # weights in [lo, mid)
+        n_high = 0  # weights in [mid, hi)
+        c0 = 0
+        while c0 < M:
+            offs = c0 + tl.arange(0, CHUNK)
+            x = tl.load(base + offs, mask=offs < n_live, other=neg)
+            w = x if WEIGHTS else libdevice.exp(x - mx) if EXACT_EXP else tl.exp(x - mx)
+            live = offs < n_live
+            mass += tl.sum(tl.where(w >= t_mid, w, 0.0), axis=0)
+            n_low += tl.sum((live & (w >= t_lo) & (w < t_mid)).to(tl.int32), axis=0)
+            n_high += tl.sum((live & (w >= t_mid) & (w < t_hi)).to(tl.int32), axis=0)
+            c0 += CHUNK
+        ok = mass >= target
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+        n_in = tl.where(ok, n_high, n_low)
+        steps += 1
+    # pack the weights inside the bracket; the mass at or above hi is a constant
+    t_lo = lo.to(tl.float32, bitcast=True)
+    t_hi = hi.to(tl.float32, bitcast=True)
+    sbase = scratch_ptr + row.to(tl.int64) * SMALL
+    above = 0.0
+    packed = 0
+    c0 = 0
+    while c0 < M:
+        offs = c0 + tl.arange(0, CHUNK)
+        x = tl.load(base + offs, mask=offs < n_live, other=neg)
+        w = x if WEIGHTS else libdevice.exp(x - mx) if EXACT_EXP else tl.exp(x - mx)
+        inside = (offs < n_live) & (w >= t_lo) & (w < t_hi)
+        above += tl.sum(tl.where(w >= t_hi, w, 0.0), axis=0)
+        dst = packed + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+        tl.store(sbase + dst, w, mask=inside & (dst < SMALL))
+        packed += tl.sum(inside.to(tl.int32), axis=0)
+        c0 += CHUNK
+    tl.debug_barrier()  # the packed weights were written by other threads of this program
+    so = tl.arange(0, SMALL)
+    ws = tl.load(sbase + so, mask=so < packed, other=0.0)
+    for _ in range(STEPS):  # (steps past convergence leave lo and hi unchanged)
+        mid = (lo + hi) // 2
+        t = mid.to(tl.float32, bitcast=True)
+        ok = above + tl.sum(tl.where(ws >= t, ws, 0.0), axis=0) >= target
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    thr = lo.to(tl.float32, bitcast=True)
+    tl.store(thr_ptr + row, thr)
+    if not WEIGHTS:
+        kbase = keep_ptr + row.to(tl.int64) * M
+        c0 = 0
+        while c0 < M:
+            offs = c0 + tl.arange(0, CHUNK)
+            x = tl.load(base + offs, mask=offs < n_live, other=neg)
+            w = libdevice.exp(x - mx) if EXACT_EXP else tl.exp(x - mx)
+            tl.store(kbase + offs, ((w >= thr) & (offs < n_live)).to(tl.int8), mask=offs < M)
+            c0 += CHUNK
+
+
+@kernel
+def _topp_keep_kernel(
+    keepq_ptr, idx_ptr, counts_ptr, forced_ptr, starts_ptr, ends_ptr,
+    chunk_ptr, kept_ptr, kept_counts_ptr,
+    stride_ib, stride_ih, stride_fb, stride_fh, HKV, M, NCH, sink, window,
+    GROUP: tl.constexpr, CHUNK: tl.constexpr, NCH_BLOCK: tl.constexpr,
+    HAS_FORCED: tl.constexpr, HAS_SPAN: tl.constexpr, PHASE: tl.constexpr,
+):
+    # one program per (sequence, KV head, CHUNK candidates): the union of the group's
+    # int8 nucleus masks plus the forced candidates. PHASE 0 counts the kept candidates of
+    # the chunk; PHASE 1 recomputes the same decisions and writes them at their place
+    # (the counts of the chunks before it give the offset)
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = row // HKV
+    h = row % HKV
+    n_live = tl.minimum(tl.load(counts_ptr + row), M)
+    slot = c * CHUNK + tl.arange(0, CHUNK)
+    live = slot < n_live
+    keep = slot < 0
+    for j in range(GROUP):
+        qrow = row.to(tl.int64) * GROUP + j
+        keep = keep | (tl.load(keepq_ptr + qrow * M + slot, mask=live, other=0) != 0)
+    ibase = idx_ptr + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih
+    if HAS_FORCED:
+        fbase = forced_ptr + b.to(tl.int64) * stride_fb + h.to(tl.int64) * stride_fh
+        keep = keep | ((tl.load(fbase + slot, mask=live, other=0) != 0) & live)
+    if HAS_SPAN or PHASE == 1:
+        pos = tl.load(ibase + slot, mask=slot < M, other=0).to(tl.int64)
+    if HAS_SPAN:
+        start = tl.load(starts_ptr + b)
+        end = tl.load(ends_ptr + b)
+        near = (pos < start + sink) | (pos >= end - window)
+        keep = keep | (live & (pos >= start) & (pos < end) & near)
+    if PHASE == 0:
+        tl.store(chunk_ptr + row.to(tl.int64) * NCH + c, tl.sum(keep.to(tl.int32), axis=0))
+    else:
+        cc = tl.arange(0, NCH_BLOCK)
+        counts = tl.load(chunk_ptr + row.to(tl.int64) * NCH + cc, mask=cc < NCH, other=0)
+        before = tl.sum(tl.where(cc < c, counts, 0), axis=0)
+        total = tl.sum(counts, axis=0)
+        dst = before + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        kbase = kept_ptr + row.to(tl.int64) * M
+        tl.store(kbase + dst, pos, mask=keep)
+        tl.store(kbase + slot, tl.zeros_like(pos), mask=(slot >= total) & (slot < M))
+        tl.store(kept_counts_ptr + row, total.to(tl.int64), mask=c == 0)
+
+
+if tl is not None:  # libdevice math (the interpreter runs numpy's instead)
+    from triton.language.extra import libdevice
+else:  # pragma: no cover
+    libdevice = None
+
+
+def _threshold_launch(x: Tensor, counts: Tensor | None, m: int, group: int, p: float,
+                      weights: bool) -> tuple[Tensor, Tensor]:
+    """Thresholds ``[R]`` and (for logits) the per-row int8 keep masks ``[R, M]``."""
+    rows = x.shape[0] if weights else x.shape[0] * x.shape[1]
+    dev = x.device
+    thr = torch.empty(rows, dtype=torch.float32, device=dev)
+    keep = thr if weights else torch.empty(rows, m, dtype=torch.int8, device=dev)
+    chunk = min(next_pow2(m), CHUNK)
+    small = min(next_pow2(m), SURVIVORS)
+    scratch = torch.empty(rows, small, dtype=torch.float32, device=dev)
+    _topp_threshold_kernel[(rows,)](
+        x, counts if counts is not None else thr, thr, keep, scratch, m, group, float(p),
+        WEIGHTS=weights, CHUNK=chunk, SMALL=small, STEPS=BISECT_STEPS,
+        EXACT_EXP=not interpreting(), num_warps=max(4, min(8, chunk // 512)),
+    )
+    return thr, keep
+
+
+def topp_threshold(w: Tensor, p: float, *, impl: str = "auto") -> Tensor:
+    """Nucleus thresholds of weight rows; see :func:`topp_threshold_reference`."""
+    if w.dim() != 2 or w.dtype != torch.float32:
+        raise ValueError(f"w must be [R, M] float32 weights, got {tuple(w.shape)} {w.dtype}")
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"p={p} must be in (0, 1]")
+    if w.shape[1] == 0 or not use_triton(impl, w):
+        return topp_threshold_reference(w, p)
+    return _threshold_launch(w.contiguous(), None, w.shape[1], 1, p, True)[0]
+
+
+def topp_select_triton(
+    logits: Tensor,
+    indices: Tensor,
+    counts: Tensor,
+    p: float,
+    forced: Tensor | None = None,
+    *,
+    span: KeySpan | None = None,
+    sink: int = 0,
+    window: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Triton version of :func:`topp_select_reference` (same contract; see the module doc
+    for the rounding tolerance)."""
+    b, hq, m = logits.shape
+    hkv = indices.shape[1]
+    g = hq // hkv
+    dev = logits.device
+    logits = logits.contiguous()
+    counts = counts.contiguous()
+    if indices.stride(-1) != 1:
+        indices = indices.contiguous()
+    kept = torch.empty(b, hkv, m, dtype=torch.int64, device=dev)
+    kept_counts = torch.empty(b, hkv, dtype=torch.int64, device=dev)
+    if m == 0:
+        return kept, kept_counts.zero_()
+    _, keep_q = _threshold_launch(logits, counts, m, g, p, False)
+    nch = cdiv(m, KEEP_CHUNK)
+    chunk_counts = torch.empty(b * hkv, nch, dtype=torch.int32, device=dev)
+    has_span = span is not None and bool(sink or window)
+    if forced is not None and forced.stride(-1) != 1:
+        forced = forced.contiguous()
+    fstride = (forced.stride(0), forced.stride(1)) if forced is not None else (0, 0)
+    starts = span.starts if has_span else counts
+    ends = span.ends if has_span else counts
+    for phase in (0, 1):
+        _topp_keep_kernel[(b * hkv, nch)](
+            keep_q, indices, counts, forced if forced is not None else counts,
+            starts, ends, chunk_counts, kept, kept_counts,
+            indices.stride(0), indices.stride(1), *fstride, hkv, m, nch, sink, window,
+            GROUP=g, CHUNK=KEEP_CHUNK, NCH_BLOCK=next_pow2(nch),
+            HAS_FORCED=forced is not None, HAS_SPAN=has_span, PHASE=phase, num_warps=4,
+        )
+    return kept, kept_counts
 
 
 def topp_select(
@@ -105,8 +364,23 @@ def topp_select(
     p: float,
     forced: Tensor | None = None,
     *,
+    span: KeySpan | None = None,
+    sink: int = 0,
+    window: int = 0,
     impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Nucleus selection per KV head; see :func:`topp_select_reference` for the contract."""
-    use_triton(impl, logits)
-    return topp_select_reference(logits, indices, counts, p, forced)
+    b, hq, m = logits.shape
+    if indices.shape[0] != b or indices.shape[2] != m or hq % indices.shape[1]:
+        raise ValueError(f"logits {tuple(logits.shape)} must be [B, Hq, M] over indices "
+                         f"[B, Hkv, M], got indices {tuple(indices.shape)}")
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"p={p} must be in (0, 1]; use p=1.0 to keep every candidate")
+    if forced is not None and forced.shape != indices.shape:
+        raise ValueError(f"forced {tuple(forced.shape)} must have the shape of indices "
+                         f"{tuple(indices.shape)}")
+    if use_triton(impl, logits, indices):
+        return topp_select_triton(logits, indices, counts, p, forced, span=span, sink=sink,
+                                  window=window)
+    return topp_select_reference(logits, indices, counts, p, forced, span=span, sink=sink,
+                                 window=window)

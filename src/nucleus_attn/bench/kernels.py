@@ -1,0 +1,546 @@
+"""``nucleus-attn bench kernels``: one decode-attention call per method against dense SDPA.
+
+For each context length N and batch B at the Llama-3-8B attention shape (32 query / 8 KV
+heads, d=128, bf16) it times, in one run and on the same inputs:
+
+- dense ``scaled_dot_product_attention`` (no mask, GQA through ``enable_gqa``), every
+  backend that runs, keeping the fastest: the baseline of every speed-up;
+- ``dense`` through ``decode_step`` (our hook's dense path);
+- fixed-budget sparse attention over random kept indices at kept fractions 1/2/5/10%
+  (``ops.sparse_attention`` alone: the attention kernel's cost at that budget);
+- Quest at the same budgets, Twilight (top-p 0.9 / 0.95) and Tactic (p 0.9), each a whole
+  ``decode_step`` (selection included) with the method's metadata prebuilt.
+
+Inputs are synthetic *peaked* attention (each key has a component along its group's query
+direction, logits spread ~``SPREAD``), on which top-p keeps a few percent of the tokens;
+the table reports the fraction each method actually kept. Every call is captured in a
+CUDA graph and timed with ``triton.testing.do_bench`` (median; the L2 cache is flushed
+before every call). The byte floor of a call is the bytes it must move (counted per method
+below) over the bandwidth measured in the same run: the faster of a large device-to-device
+copy (read + write counted) and a large read (decode attention mostly reads).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..decode import decode_step, new_state
+from ..methods import make_config
+from ..span import KeySpan
+
+SPREAD = 8.0  # logit spread of the synthetic keys: top-p 0.9 keeps ~1-4% of the tokens
+INDEX_BYTES = 8  # int64 positions
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Attention shape: query heads, KV heads, head dim, dtype."""
+
+    hq: int
+    hkv: int
+    d: int
+    dtype: torch.dtype
+
+    @property
+    def es(self) -> int:
+        return torch.finfo(self.dtype).bits // 8
+
+
+LLAMA3_8B = Shape(32, 8, 128, torch.bfloat16)
+QUICK = Shape(4, 2, 64, torch.float32)
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+def peaked_inputs(b: int, shape: Shape, n: int, spread: float, seed: int,
+                  device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``q [B, Hq, d]``, ``k, v [B, Hkv, N, d]`` built on the device one sequence at a time
+    (the recipe of :func:`nucleus_attn.synthetic.peaked_qkv`, without planted keys)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    g, d = shape.hq // shape.hkv, shape.d
+    q = torch.randn(b, shape.hkv, g, d, generator=gen, device=device)
+    direction = q.mean(2)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    qn = q.norm(dim=-1).mean(-1)  # [B, Hkv]
+    k = torch.empty(b, shape.hkv, n, d, dtype=shape.dtype, device=device)
+    v = torch.empty_like(k)
+    for i in range(b):
+        noise = torch.randn(shape.hkv, n, d, generator=gen, device=device) * 0.5
+        coef = torch.randn(shape.hkv, n, 1, generator=gen, device=device)
+        coef = coef * spread * d**0.5 / qn[i][:, None, None]
+        k[i] = (noise + coef * direction[i][:, None, :]).to(shape.dtype)
+        v[i] = torch.randn(shape.hkv, n, d, generator=gen, device=device).to(shape.dtype)
+    return q.reshape(b, shape.hq, d).to(shape.dtype), k, v
+
+
+def spread_indices(b: int, h: int, n: int, m: int, seed: int,
+                   device: torch.device) -> Tensor:
+    """``[B, H, m]`` distinct ascending random positions: one in each of m equal strides."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    stride = n // m
+    jitter = torch.randint(0, stride, (b, h, m), generator=gen, device=device)
+    return torch.arange(m, device=device) * stride + jitter
+
+
+# --- timing ------------------------------------------------------------------------------
+
+def time_call(fn: Callable[[], Any], device: torch.device, quick: bool) -> float:
+    """Median seconds of one call: a CUDA-graph replay timed by ``do_bench`` on a GPU (the
+    graph is captured after two warm-up calls), ``perf_counter`` on CPU."""
+    if device.type != "cuda":
+        fn()
+        times = []
+        for _ in range(3 if quick else 10):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+    import triton
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    del graph
+    return ms * 1e-3
+
+
+def bandwidths(device: torch.device, quick: bool) -> tuple[float, float]:
+    """Bytes per second of a large device-to-device copy (read + write counted) and of a
+    large read (a sum): decode attention mostly reads, and reads run faster than copies."""
+    nbytes = (64 << 20) if quick or device.type != "cuda" else (2 << 30)
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    copy = 2 * nbytes / time_call(lambda: dst.copy_(src), device, quick)
+    read = nbytes / time_call(lambda: src.sum(dtype=torch.float32), device, quick)
+    return copy, read
+
+
+def best_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, device: torch.device,
+              quick: bool) -> tuple[str, float]:
+    """Fastest backend of dense SDPA (no mask, GQA via ``enable_gqa``) and its seconds."""
+    q4 = q[:, :, None, :]
+
+    def call(backend: Any = None) -> Callable[[], Tensor]:
+        def fn() -> Tensor:
+            if backend is None:
+                return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
+        return fn
+
+    if device.type != "cuda":
+        return "default", time_call(call(), device, quick)
+    from torch.nn.attention import SDPBackend
+
+    best = ("none", math.inf)
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.CUDNN_ATTENTION):
+        try:
+            sec = time_call(call(backend), device, quick)
+        except RuntimeError:  # this backend does not take these inputs
+            torch.cuda.synchronize()
+            continue
+        if sec < best[1]:
+            best = (backend.name.lower(), sec)
+    if best[1] == math.inf:
+        best = ("default", time_call(call(), device, quick))
+    return best
+
+
+# --- bytes that must move ----------------------------------------------------------------
+
+def kv_bytes(tokens: float, shape: Shape) -> float:
+    """Bytes of K and V rows plus their int64 positions for ``tokens`` gathered tokens."""
+    return tokens * (2 * shape.d * shape.es + INDEX_BYTES)
+
+
+def floor_bytes(kind: str, b: int, n: int, shape: Shape, kept: float, cfg: Any = None,
+                candidates: float = 0.0) -> float:
+    """Bytes one call must move: ``kept`` and ``candidates`` are token counts summed over
+    sequences and KV heads; the metadata each method reads is counted from its config."""
+    rows = b * shape.hkv
+    if kind == "dense":
+        return rows * n * 2 * shape.d * shape.es
+    if kind == "sparse":
+        return kv_bytes(kept, shape)
+    pages = 0.0
+    if kind in ("quest", "twilight"):
+        ps = cfg.page_size
+        pages = rows * math.ceil(n / ps) * 2 * shape.d * shape.es  # per-page min and max
+    if kind == "quest":
+        return pages + kv_bytes(kept, shape)
+    if kind == "twilight":
+        # codes, scale and zero, and the position of every candidate
+        int4 = candidates * (shape.d // 2 + 2 * shape.es + INDEX_BYTES)
+        return pages + int4 + kv_bytes(kept, shape)
+    if kind == "tactic":
+        clusters = rows * math.ceil(n / cfg.cluster_size)
+        cent = clusters * (shape.d * shape.es + 8)  # centroids (keys' dtype), int64 sizes
+        exact = rows * (math.ceil(cfg.exact_fraction * n) + 2 * cfg.sample_tokens
+                        + cfg.sink + cfg.window)
+        return cent + exact * (shape.d * shape.es + INDEX_BYTES) + kv_bytes(kept, shape)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+# --- one (N, B) point --------------------------------------------------------------------
+
+ROW_METHODS = ("dense", "sparse", "quest", "twilight", "tactic")
+
+
+def bench_point(n: int, b: int, shape: Shape, fractions: list[float], bw: float, seed: int,
+                device: torch.device, quick: bool, log: Callable[[str], None],
+                methods: tuple[str, ...] = ROW_METHODS) -> list[dict]:
+    """Every row of one context length and batch size."""
+    q, k, v = peaked_inputs(b, shape, n, SPREAD, seed, device)
+    scale = 1.0 / math.sqrt(shape.d)
+    span = KeySpan.full(b, n, device)
+    rows: list[dict] = []
+
+    def add(method: str, setting: str, sec: float, nbytes: float, kept: float) -> None:
+        rows.append({"n": n, "batch": b, "method": method, "setting": setting,
+                     "kept_fraction": kept, "seconds": sec, "bytes": nbytes,
+                     "floor_seconds": nbytes / bw})
+        log(f"  N={n} B={b} {method:<10} {setting:<22} kept {kept * 100:6.2f}%  "
+            f"{sec * 1e6:9.1f} us")
+
+    backend, sec = best_sdpa(q, k, v, scale, device, quick)
+    dense_bytes = floor_bytes("dense", b, n, shape, 0)
+    add("sdpa", backend, sec, dense_bytes, 1.0)
+
+    def method_row(name: str, setting: str, kind: str, **params: Any) -> None:
+        cfg = make_config(name, **params)
+        state = new_state(cfg, k, span)
+        out, info = decode_step(q, k, v, cfg, state, span, scale, padded=False)
+        kept = info.kept.sum().item()
+        cand = info.candidates.sum().item()
+        sec = time_call(lambda: decode_step(q, k, v, cfg, state, span, scale, padded=False),
+                        device, quick)
+        nbytes = dense_bytes if kind == "dense" else floor_bytes(kind, b, n, shape, kept, cfg,
+                                                                 cand)
+        add(name, setting, sec, nbytes, kept / (b * shape.hkv * n))
+
+    if "dense" in methods:
+        method_row("dense", "decode_step", "dense")
+    for f in fractions if "sparse" in methods else []:
+        m = max(1, math.ceil(f * n))
+        idx = spread_indices(b, shape.hkv, n, m, seed, device)
+        cnt = torch.full((b, shape.hkv), m, dtype=torch.int64, device=device)
+        sec = time_call(lambda idx=idx, cnt=cnt: ops.sparse_attention(q, k, v, idx, cnt, scale),
+                        device, quick)
+        add("sparse", f"random {f * 100:g}%", sec, floor_bytes("sparse", b, n, shape,
+                                                               m * b * shape.hkv), m / n)
+    for f in fractions if "quest" in methods else []:
+        method_row("quest", f"budget={f:g}", "quest", budget=f)
+    for p in (0.9, 0.95) if "twilight" in methods else ():
+        method_row("twilight", f"p={p:g}", "twilight", p=p)
+    if "tactic" in methods:
+        method_row("tactic", "p=0.9", "tactic", p=0.9)
+    return rows
+
+
+def profile_point(n: int, b: int, shape: Shape, bw: float, seed: int,
+                  device: torch.device, quick: bool, with_tactic: bool = True) -> list[dict]:
+    """Seconds of each stage of Quest, Twilight and Tactic at one point, each stage timed
+    alone (CUDA graph) on the inputs the stage before it produced, next to the whole step.
+    Where a target is missed this says where the time goes."""
+    from ..methods.base import resolve_budget
+
+    q, k, v = peaked_inputs(b, shape, n, SPREAD, seed, device)
+    scale = 1.0 / math.sqrt(shape.d)
+    span = KeySpan.full(b, n, device)
+    out: list[dict] = []
+
+    def stage(method: str, name: str, fn: Callable[[], Any], nbytes: float) -> Any:
+        sec = time_call(fn, device, quick)
+        out.append({"n": n, "batch": b, "method": method, "stage": name, "seconds": sec,
+                    "bytes": nbytes, "floor_seconds": nbytes / bw})
+        return fn()
+
+    rows = b * shape.hkv
+    bounds_bytes = rows * math.ceil(n / 16) * 2 * shape.d * shape.es
+    for method, params in (("quest", {"budget": 0.02}), ("twilight", {"p": 0.9})):
+        cfg = make_config(method, **params)
+        st = new_state(cfg, k, span)
+        pages = st if method == "quest" else st.pages
+        p = pages.pages
+        bounds = stage(method, "page_scores", lambda pages=pages, p=p, cfg=cfg: ops.page_scores(
+            q, pages.kmin[:, :, :p], pages.kmax[:, :, :p], span, cfg.page_size),
+            bounds_bytes)
+        budget = resolve_budget(cfg.budget if method == "quest" else cfg.base_budget, n)
+        cand, ccnt = stage(method, "topk_pages", lambda bounds=bounds, budget=budget, cfg=cfg:
+                           ops.topk_pages(bounds, shape.hkv, span, cfg.page_size,
+                                          math.ceil(budget / cfg.page_size), cfg.sink,
+                                          max(cfg.window, 1), scale),
+                           bounds.numel() * 4 * 2)
+        if method == "twilight":
+            keys = st.keys
+            ncand = ccnt.sum().item()
+            est = stage(method, "int4_scores", lambda cand=cand, ccnt=ccnt, keys=keys:
+                        ops.int4_scores(q, keys.codes, keys.scale, keys.zero, cand, ccnt,
+                                        scale),
+                        ncand * (shape.d // 2 + 2 * shape.es + INDEX_BYTES))
+            kept, kcnt = stage(method, "topp_select", lambda est=est, cand=cand, ccnt=ccnt,
+                               cfg=cfg: ops.topp_select(est, cand, ccnt, cfg.p, span=span,
+                                                        sink=cfg.sink, window=cfg.window),
+                               est.numel() * 4 * 2 + cand.numel() * INDEX_BYTES)
+        else:
+            kept, kcnt = cand, ccnt
+        stage(method, "sparse_attention", lambda kept=kept, kcnt=kcnt:
+              ops.sparse_attention(q, k, v, kept, kcnt, scale),
+              kv_bytes(kcnt.sum().item(), shape))
+        stage(method, "whole step", lambda cfg=cfg, st=st: decode_step(
+            q, k, v, cfg, st, span, scale, padded=False), 0.0)
+    # launch-parameter sweeps of the two gather kernels, on the inputs above
+    from ..ops import attention as att
+    from ..ops import pages as pg
+    from ..ops import quant
+
+    saved_pages = (pg.SCORES_BLOCK_P, pg.SCORES_WARPS)
+    for bp, wp in ((32, 4), (64, 4), (16, 2)):
+        pg.SCORES_BLOCK_P, pg.SCORES_WARPS = bp, wp
+        stage("tune", f"page_scores p{bp} w{wp}", lambda: ops.page_scores(
+            q, pages.kmin[:, :, :p], pages.kmax[:, :, :p], span, 16), bounds_bytes)
+    pg.SCORES_BLOCK_P, pg.SCORES_WARPS = saved_pages
+    saved = (quant.INT4_BLOCK_M, quant.INT4_WARPS, att.BLOCK_N, att.SPLIT_WARPS,
+             att.PROGRAMS_PER_SM)
+    for bm, wp in ((64, 2), (128, 2), (128, 4), (256, 4)):
+        quant.INT4_BLOCK_M, quant.INT4_WARPS = bm, wp
+        stage("tune", f"int4_scores m{bm} w{wp}", lambda: ops.int4_scores(
+            q, keys.codes, keys.scale, keys.zero, cand, ccnt, scale),
+            ncand * (shape.d // 2 + 2 * shape.es + INDEX_BYTES))
+    for bn, wp, pps in ((32, 4, 16), (32, 4, 32), (32, 2, 32), (64, 4, 16)):
+        att.BLOCK_N, att.SPLIT_WARPS, att.PROGRAMS_PER_SM = bn, wp, pps
+        stage("tune", f"attention n{bn} w{wp} p{pps}", lambda: ops.sparse_attention(
+            q, k, v, kept, kcnt, scale), kv_bytes(kcnt.sum().item(), shape))
+    (quant.INT4_BLOCK_M, quant.INT4_WARPS, att.BLOCK_N, att.SPLIT_WARPS,
+     att.PROGRAMS_PER_SM) = saved
+    if not with_tactic:
+        return out
+    cfg = make_config("tactic", p=0.9)
+    st = new_state(cfg, k, span)
+    c = st.centroids.shape[2]
+    stage("tactic", "centroid_scores", lambda: ops.centroid_scores(q, st.centroids, st.sizes,
+                                                                   scale),
+          rows * c * (shape.d * st.centroids.element_size() + 8))
+    from ..methods import spec_of
+
+    sel = stage("tactic", "select (all)", lambda: spec_of(cfg).select(q, k, st, span, cfg,
+                                                                      scale), 0.0)
+    stage("tactic", "sparse_attention", lambda: ops.sparse_attention(q, k, v, sel.indices,
+                                                                     sel.counts, scale),
+          kv_bytes(sel.counts.sum().item(), shape))
+    stage("tactic", "whole step", lambda: decode_step(q, k, v, cfg, st, span, scale,
+                                                      padded=False), 0.0)
+    if device.type == "cuda":  # where a whole step's time goes, kernel by kernel
+        for method, params in (("twilight", {"p": 0.9}), ("tactic", {"p": 0.9})):
+            c2 = make_config(method, **params)
+            st2 = new_state(c2, k, span)
+            kernel_breakdown(method, lambda c2=c2, st2=st2: decode_step(
+                q, k, v, c2, st2, span, scale, padded=False))
+    return out
+
+
+def kernel_breakdown(label: str, fn: Callable[[], Any], top: int = 14) -> None:
+    """Print the GPU kernels of one eager call by total time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"kernels of one {label} step (eager, us):")
+    def gpu_us(e: Any) -> float:
+        return float(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)))
+
+    events = sorted(prof.key_averages(), key=lambda e: -gpu_us(e))
+    print(f"  total {sum(gpu_us(e) for e in events):.1f} us in {len(events)} kernel kinds")
+    for e in events[:top]:
+        print(f"  {gpu_us(e):9.1f}  x{e.count:<3d} {e.key[:90]}")
+
+
+def fits(n: int, b: int, shape: Shape, device: torch.device) -> bool:
+    """Whether the inputs plus the largest method state (and temporaries) fit in memory."""
+    if device.type != "cuda":
+        return True
+    kv = 2 * b * shape.hkv * n * shape.d * shape.es
+    need = 1.7 * kv + 3 * (1 << 30)
+    free, _ = torch.cuda.mem_get_info(device)
+    return need < free
+
+
+def gpu_label(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for known in ("h100", "h200", "h20", "a100", "l40s", "l4", "a10g", "b200", "gh200"):
+        if known in name.replace(" ", ""):
+            return known
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+# --- report ------------------------------------------------------------------------------
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up against the same point's dense SDPA and the fraction of the byte floor."""
+    dense = {(r["n"], r["batch"]): r["seconds"] for r in rows if r["method"] == "sdpa"}
+    for r in rows:
+        r["speedup"] = dense[(r["n"], r["batch"])] / r["seconds"]
+        r["floor_fraction"] = r["floor_seconds"] / r["seconds"]
+
+
+def print_table(rows: list[dict], meta: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    tb = {k: meta[k] / 1e12 for k in ("floor_bandwidth", "copy_bandwidth", "read_bandwidth")}
+    table = Table(title=f"decode attention per call, {meta['gpu']} (floor at "
+                  f"{tb['floor_bandwidth']:.2f} TB/s: copy {tb['copy_bandwidth']:.2f}, read "
+                  f"{tb['read_bandwidth']:.2f}), CUDA graphs"
+                  if meta["device"] == "cuda" else "decode attention per call (CPU smoke)")
+    for col in ("N", "B", "method", "setting", "kept %", "us", "x SDPA", "floor us",
+                "% floor"):
+        table.add_column(col, justify="left" if col in ("method", "setting") else "right")
+    for r in rows:
+        table.add_row(str(r["n"]), str(r["batch"]), r["method"], r["setting"],
+                      f"{r['kept_fraction'] * 100:.2f}", f"{r['seconds'] * 1e6:.1f}",
+                      f"{r['speedup']:.2f}", f"{r['floor_seconds'] * 1e6:.1f}",
+                      f"{r['floor_fraction'] * 100:.0f}")
+    Console(width=140).print(table)
+    for s in meta["skipped"]:
+        print(f"skipped: {s}")
+
+
+def print_profile(stages: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    first = stages[0]
+    table = Table(title=f"stages, N={first['n']} B={first['batch']} (each timed alone)")
+    for col in ("method", "stage", "us", "floor us", "% floor"):
+        table.add_column(col, justify="left" if col in ("method", "stage") else "right")
+    for r in stages:
+        frac = f"{r['floor_seconds'] / r['seconds'] * 100:.0f}" if r["bytes"] else ""
+        table.add_row(r["method"], r["stage"], f"{r['seconds'] * 1e6:.1f}",
+                      f"{r['floor_seconds'] * 1e6:.1f}" if r["bytes"] else "", frac)
+    Console(width=120).print(table)
+
+
+def plot(rows: list[dict], path: str, meta: dict) -> None:
+    """Speed-up against dense SDPA vs kept fraction, one panel per N (largest batch <= 8
+    that ran), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = sorted({r["n"] for r in rows})
+    fig, axes = plt.subplots(1, len(ns), figsize=(4.2 * len(ns), 3.6), squeeze=False)
+    for ax, n in zip(axes[0], ns, strict=True):
+        batches = sorted({r["batch"] for r in rows if r["n"] == n})
+        b = max([x for x in batches if x <= 8] or batches)
+        for method, style in (("sparse", "o-"), ("quest", "s-"), ("twilight", "^"),
+                              ("tactic", "D"), ("dense", "x")):
+            pts = sorted((r["kept_fraction"] * 100, r["speedup"]) for r in rows
+                         if r["n"] == n and r["batch"] == b and r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=method)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(f"N={n}, B={b}")
+        ax.set_xlabel("kept tokens (%)")
+    axes[0][0].set_ylabel("speed-up vs dense SDPA")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"decode attention, {meta['gpu']}, Llama-3-8B heads"
+                 if meta["device"] == "cuda" else "decode attention (CPU smoke)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(out: str = "results", quick: bool = False, ns: list[int] | None = None,
+         batches: list[int] | None = None, fractions: list[float] | None = None,
+         seed: int = 0, profile: tuple[int, int] | None = None,
+         methods: list[str] | None = None) -> int:
+    """Run the benchmark, print the table, write ``bench_kernels_<gpu>.json/.png``."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
+    if device.type != "cuda" and not quick:
+        print("nucleus-attn bench kernels needs a CUDA GPU; use --quick for a CPU smoke test")
+        return 2
+    shape = QUICK if quick else LLAMA3_8B
+    ns = ns or ([512] if quick else [4096, 8192, 32768, 131072])
+    batches = batches or ([2] if quick else [1, 8, 32])
+    fractions = fractions or ([0.1] if quick else [0.01, 0.02, 0.05, 0.1])
+    if quick:  # the torch references on CPU; kernels are for the GPU
+        os.environ.setdefault("NUCLEUS_ATTN_BACKEND", "torch")
+    log = print if not quick else (lambda s: None)
+    copy_bw, read_bw = bandwidths(device, quick)
+    bw = max(copy_bw, read_bw)  # the byte floors use the faster of the two
+    meta: dict[str, Any] = {
+        "gpu": gpu_label(device), "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        platform.processor(), "copy_bandwidth": copy_bw, "read_bandwidth": read_bw,
+        "floor_bandwidth": bw, "torch": torch.__version__,
+        "shape": {"hq": shape.hq, "hkv": shape.hkv, "d": shape.d, "dtype": str(shape.dtype)},
+        "spread": SPREAD, "skipped": [],
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"bench_kernels_{meta['gpu']}")
+    rows: list[dict] = []
+    # the batch of the headline targets (8) first, so that a cut-off run still has them
+    order = sorted(batches, key=lambda x: (x != 8, x))
+    for b in order:
+        for n in sorted(ns, reverse=True):
+            if not fits(n, b, shape, device):
+                meta["skipped"].append(f"N={n} B={b}: does not fit in GPU memory")
+                continue
+            rows += bench_point(n, b, shape, fractions, bw, seed, device, quick, log,
+                                tuple(methods or ROW_METHODS))
+            add_ratios(rows)
+            with open(stem + ".json", "w") as f:  # after every point: partial runs count
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    rows.sort(key=lambda r: (r["n"], r["batch"]))
+    print_table(rows, meta)
+    if profile is not None:  # last: a stage that fails cannot cost the rows above
+        with open(stem + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        meta["profile"] = profile_point(profile[0], profile[1], shape, bw, seed, device, quick,
+                                        "tactic" in (methods or ROW_METHODS))
+        print_profile(meta["profile"])
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    try:
+        plot(rows, stem + ".png", meta)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'nucleus-attn[plot]')")
+    print(f"wrote {stem}.json and {stem}.png")
+    return 0

@@ -1,0 +1,110 @@
+"""Every kernel against its torch reference and float64, compiled, at full size
+(Llama-3-8B heads: 32 query / 8 KV heads, d=128; plus the awkward shapes of the CPU tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ops_helpers import (
+    check_assign_nearest,
+    check_centroid_scores,
+    check_cluster_tokens,
+    check_gathered_scores,
+    check_int4_scores,
+    check_page_minmax,
+    check_page_scores,
+    check_quantize_int4,
+    check_sparse_attention,
+    check_topk_pages,
+    check_topp_select,
+    check_topp_threshold,
+)
+
+DEV = "cuda"
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize(("n", "d", "page_size", "dtype"), [
+    (17, 128, 16, torch.float32), (4099, 64, 16, torch.float16), (32768, 128, 16, torch.bfloat16),
+    (30001, 256, 5, torch.bfloat16)])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_page_minmax(n, d, page_size, dtype, ragged):
+    check_page_minmax(DEV, 4, 8, n, d, page_size, dtype, ragged, 0, seed=n)
+    check_page_minmax(DEV, 4, 8, n, d, page_size, dtype, ragged, n // page_size // 2, seed=n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("group", "pages", "d"), [(4, 8192, 128), (3, 257, 64), (1, 100, 256)])
+def test_page_scores(dtype, group, pages, d):
+    check_page_scores(DEV, 4, 8, group, pages, d, 16, dtype, ragged=True, seed=pages)
+
+
+@pytest.mark.parametrize(("n", "k_pages", "hkv", "group"), [
+    (32768, 512, 8, 4), (131072, 2048, 8, 4), (4099, 300, 2, 3), (1000, 1, 2, 3)])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_topk_pages(n, k_pages, hkv, group, ragged):
+    check_topk_pages(DEV, 4, hkv, group, n, 16, k_pages, 4, 64, ragged, seed=n + group)
+
+
+@pytest.mark.parametrize(("n", "d", "dtype"), [
+    (17, 128, torch.float32), (32768, 128, torch.bfloat16), (4099, 256, torch.float16),
+    (1000, 64, torch.bfloat16)])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_quantize_int4(n, d, dtype, sliced):
+    check_quantize_int4(DEV, 4, 8, n, d, dtype, sliced, seed=n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("group", "n", "m", "d"), [(4, 32768, 8192, 128), (3, 4099, 1000, 64),
+                                                    (8, 1000, 17, 256), (1, 17, 1, 128)])
+def test_int4_scores(dtype, group, n, m, d):
+    check_int4_scores(DEV, 4, 8, group, n, m, d, dtype, seed=n + group)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9])
+@pytest.mark.parametrize("m", [17, 4099, 32768, 70000])
+def test_topp_threshold(p, m):
+    check_topp_threshold(DEV, 64, m, p, seed=m)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9])
+@pytest.mark.parametrize(("hkv", "group", "m"), [(8, 4, 32768), (2, 3, 4099), (1, 8, 40000),
+                                                 (4, 1, 17)])
+@pytest.mark.parametrize("forced", ["none", "mask", "span"])
+def test_topp_select(p, hkv, group, m, forced):
+    check_topp_select(DEV, 4, hkv, group, m, p, forced, seed=m + group)
+
+
+SHAPES = [(8, 4, 32768, 8192, 128), (8, 4, 131072, 2600, 128), (2, 3, 4099, 1000, 64),
+          (1, 8, 1000, 17, 256), (4, 1, 17, 17, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize(("hkv", "group", "n", "m", "d"), SHAPES)
+def test_sparse_attention(dtype, hkv, group, n, m, d):
+    check_sparse_attention(DEV, 4, hkv, group, n, m, d, dtype, seed=n + m)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize(("hkv", "group", "n", "m", "d"), SHAPES)
+def test_gathered_scores(dtype, hkv, group, n, m, d):
+    check_gathered_scores(DEV, 4, hkv, group, n, m, d, dtype, seed=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("n", "c", "d"), [(4096, 256, 128), (1000, 63, 64), (17, 3, 256)])
+def test_assign_nearest(dtype, n, c, d):
+    check_assign_nearest(DEV, 4, 8, n, c, d, dtype, seed=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("cent_dtype", [torch.float32, "same"])
+@pytest.mark.parametrize(("group", "c", "d"), [(4, 8192, 128), (3, 257, 64), (8, 70, 256)])
+def test_centroid_scores(dtype, cent_dtype, group, c, d):
+    cd = dtype if cent_dtype == "same" else cent_dtype
+    check_centroid_scores(DEV, 4, 8, group, c, d, dtype, cd, seed=c)
+
+
+@pytest.mark.parametrize(("n", "c", "capacity"), [(131072, 8192, 131072), (4099, 300, 1000)])
+def test_cluster_tokens(n, c, capacity):
+    check_cluster_tokens(DEV, 2, 4, n, c, capacity, seed=n)

@@ -1,0 +1,397 @@
+"""Shared checks of the Triton kernels against their torch references and float64.
+
+Each ``check_*`` function draws fresh random inputs for one shape on one device, runs the
+op with ``impl="triton"`` on poisoned output buffers (every element the kernel should
+write starts as NaN or a sentinel) and with ``impl="torch"``, and compares both with each
+other and with a float64 computation. The CPU tests (``tests/test_ops_*.py``) call them on
+small shapes in Triton's interpreter, the GPU tests (``tests/gpu``) at full size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from nucleus_attn import ops
+from nucleus_attn.span import KeySpan
+
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+REL64 = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # vs float64
+
+
+@pytest.fixture
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run Triton kernels in Triton's CPU interpreter for the duration of a test.
+
+    Needs triton imported in interpreter mode (``tests/conftest.py`` sets
+    ``TRITON_INTERPRET=1`` before that on machines without CUDA).
+    """
+    pytest.importorskip("triton")
+    from triton.language import standard
+
+    if type(standard.max).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 (a CUDA machine): the "
+                    "interpreter tests run on CPU-only machines, tests/gpu covers the kernels")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("NUCLEUS_ATTN_BACKEND", raising=False)
+
+
+@contextlib.contextmanager
+def poisoned_empty() -> Iterator[None]:
+    """Make ``torch.empty``/``empty_like`` return poison (NaN, or -7 / 0xA5 / True), so that
+    an element a kernel forgets to write shows up in the comparison."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        if t.dtype == torch.bool:
+            return t.fill_(True)
+        if t.dtype == torch.uint8:
+            return t.fill_(0xA5)
+        return t.fill_(-7)
+
+    torch.empty = lambda *a, **k: poison(empty(*a, **k))  # type: ignore[assignment]
+    torch.empty_like = lambda *a, **k: poison(empty_like(*a, **k))  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(shape: tuple[int, ...], g: torch.Generator, dtype: torch.dtype, device: str,
+          scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(shape, generator=g) * scale).to(dtype=dtype, device=device)
+
+
+def random_span(b: int, n: int, g: torch.Generator, device: str, ragged: bool) -> KeySpan:
+    """All positions valid, or random left and right padding (at least one valid key)."""
+    if not ragged:
+        return KeySpan.full(b, n, device)
+    starts = torch.randint(0, max(1, n // 3), (b,), generator=g)
+    ends = torch.minimum(starts + 1 + torch.randint(0, n, (b,), generator=g), torch.tensor(n))
+    starts[0], ends[0] = 0, n  # one full row
+    return KeySpan(starts.to(device), ends.to(device), n)
+
+
+def random_indices(b: int, h: int, n: int, m: int, g: torch.Generator, device: str,
+                   counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, H, M]`` distinct positions per row (M <= N) and ragged counts in [1, M]."""
+    idx = torch.stack([torch.randperm(n, generator=g)[:m] for _ in range(b * h)]).view(b, h, m)
+    if counts is None:
+        counts = torch.randint(1, m + 1, (b, h), generator=g)
+        counts[0, 0] = m
+    return idx.to(device), counts.to(device)
+
+
+def assert_close_ulps(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, ulps: float,
+                      what: str) -> None:
+    """``|out - ref| <= ulps * eps(dtype) * max(1, max|ref|)``, same non-finite pattern."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), fin), f"{what}: non-finite entries differ"
+    assert torch.equal(out[~fin], ref[~fin]), f"{what}: infinities differ"
+    if fin.any():
+        o, r = out[fin].double(), ref[fin].double()
+        tol = ulps * EPS[dtype] * max(1.0, r.abs().max().item())
+        err = (o - r).abs().max().item()
+        assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    o, r = out.double().cpu(), ref.double().cpu()
+    return ((o - r).norm() / r.norm().clamp(min=1e-30)).item()
+
+
+# --- pages -------------------------------------------------------------------------------
+
+def check_page_minmax(device: str, b: int, h: int, n: int, d: int, page_size: int,
+                      dtype: torch.dtype, ragged: bool, first_page: int, seed: int) -> None:
+    g = gen(seed)
+    k = randn((b, h, n, d), g, dtype, device)
+    span = random_span(b, n, g, device, ragged)
+    first = min(first_page, math.ceil(n / page_size) - 1)
+    with poisoned_empty():
+        got = ops.page_minmax(k, span, page_size, first, impl="triton")
+    ref = ops.page_minmax(k, span, page_size, first, impl="torch")
+    ref64 = ops.page_minmax(k.double(), span, page_size, first, impl="torch")
+    for o, r, r64, name in zip(got, ref, ref64, ("kmin", "kmax"), strict=True):
+        assert o.dtype == dtype and torch.equal(o, r), f"{name} differs from the reference"
+        assert torch.equal(o.double(), r64), f"{name} differs from float64"
+
+
+def check_page_scores(device: str, b: int, hkv: int, group: int, pages: int, d: int,
+                      page_size: int, dtype: torch.dtype, ragged: bool, seed: int) -> None:
+    g = gen(seed)
+    n = pages * page_size - (page_size // 2 if page_size > 1 else 0)
+    k = randn((b, hkv, n, d), g, dtype, device)
+    span = random_span(b, n, g, device, ragged)
+    kmin, kmax = ops.page_minmax(k, span, page_size, impl="torch")
+    q = randn((b, hkv * group, d), g, dtype, device)
+    with poisoned_empty():
+        got = ops.page_scores(q, kmin, kmax, span, page_size, impl="triton")
+    ref = ops.page_scores(q, kmin, kmax, span, page_size, impl="torch")
+    ref64 = ops.page_scores(q.double(), kmin.double(), kmax.double(), span, page_size,
+                            impl="torch")
+    scale = (q.double().abs().sum(-1).max() * kmax.double().abs().max()).item() + 1.0
+    tol = 4 * d * EPS[torch.float32] * scale
+    assert torch.equal(got.isinf(), ref.isinf()) and not got.isnan().any()
+    fin = torch.isfinite(ref)
+    assert (got[fin].double() - ref[fin].double()).abs().max().item() <= tol
+    assert (got[fin].double() - ref64.to(got.device)[fin]).abs().max().item() <= tol
+
+
+def check_topk_pages(device: str, b: int, hkv: int, group: int, n: int, page_size: int,
+                     k_pages: int, sink: int, window: int, ragged: bool, seed: int) -> None:
+    g = gen(seed)
+    span = random_span(b, n, g, device, ragged)
+    pages = math.ceil(n / page_size)
+    bounds = torch.randn(b, hkv * group, pages, generator=g).to(device) * 5
+    valid = ops.page_valid(span, page_size, pages)[:, None, :]
+    bounds = torch.where(valid, bounds, torch.full_like(bounds, float("-inf")))
+    with poisoned_empty():
+        idx, cnt = ops.topk_pages(bounds, hkv, span, page_size, k_pages, sink, window, 0.3,
+                                  impl="triton")
+    ridx, rcnt = ops.topk_pages(bounds, hkv, span, page_size, k_pages, sink, window, 0.3,
+                                impl="torch")
+    assert torch.equal(cnt, rcnt), "kept token counts differ"
+    assert torch.equal(idx, ridx), "kept positions (or the zero padding after them) differ"
+    kept = ops.indices_to_mask(idx, cnt, n)
+    assert (kept.sum(-1) == cnt).all()
+    lo, hi = span.starts.view(b, 1, 1), span.ends.view(b, 1, 1)
+    pos = torch.arange(n, device=device)
+    assert not (kept & ((pos < lo) | (pos >= hi))).any(), "a padding position was kept"
+
+
+# --- int4 keys ---------------------------------------------------------------------------
+
+def check_quantize_int4(device: str, b: int, h: int, n: int, d: int, dtype: torch.dtype,
+                        sliced: bool, seed: int) -> None:
+    g = gen(seed)
+    full = randn((b, h, n + 5, d), g, dtype, device, scale=3.0)
+    k = full[:, :, 5:] if sliced else full[:, :, :n]  # a strided view, as in the append
+    with poisoned_empty():
+        codes, scale, zero = ops.quantize_int4(k, impl="triton")
+    rc, rs, rz = ops.quantize_int4(k, impl="torch")
+    assert codes.dtype == torch.uint8 and scale.dtype == dtype and zero.dtype == dtype
+    assert torch.equal(scale, rs) and torch.equal(zero, rz), "scale/zero differ"
+    assert torch.equal(codes, rc), "codes differ"
+    # float64: the rounding error of each channel is at most half a step (plus the
+    # rounding of zero to storage precision)
+    deq = ops.dequantize_int4(codes, scale, zero).double()
+    step = scale.double()[..., None]
+    err = (deq - k.double()).abs()
+    assert (err <= step / 2 + 2 * EPS[dtype] * k.double().abs().amax(-1, keepdim=True)
+            + 1e-6).all()
+
+
+def check_int4_scores(device: str, b: int, hkv: int, group: int, n: int, m: int, d: int,
+                      dtype: torch.dtype, seed: int) -> None:
+    g = gen(seed)
+    k = randn((b, hkv, n, d), g, dtype, device)
+    q = randn((b, hkv * group, d), g, dtype, device)
+    codes, scale, zero = ops.quantize_int4(k, impl="torch")
+    idx, cnt = random_indices(b, hkv, n, m, g, device)
+    sm = 1 / math.sqrt(d)
+    with poisoned_empty():
+        got = ops.int4_scores(q, codes, scale, zero, idx, cnt, sm, impl="triton")
+    ref = ops.int4_scores(q, codes, scale, zero, idx, cnt, sm, impl="torch")
+    deq = ops.dequantize_int4(codes, scale, zero).double()
+    ref64 = ops.gathered_scores(q.double(), deq, idx, cnt, sm, impl="torch")
+    tol = 8 * d * EPS[torch.float32] * (q.double().abs().max() * deq.abs().max()).item() * sm
+    for r, what in ((ref, "reference"), (ref64, "float64")):
+        assert torch.equal(got.isinf(), r.isinf()) and not got.isnan().any(), what
+        fin = torch.isfinite(r)
+        err = (got[fin].double() - r[fin].double()).abs().max().item() if fin.any() else 0.0
+        assert err <= tol + 1e-6, f"int4 scores vs {what}: {err:.3g} > {tol:.3g}"
+
+
+# --- top-p -------------------------------------------------------------------------------
+
+def _mass_ok(w: torch.Tensor, t: torch.Tensor, p: float) -> torch.Tensor:
+    """Per row: keeping ``w >= t`` reaches p of the mass and keeping ``w > t`` does not,
+    both up to float32 summation rounding (the documented tolerance of the kernel)."""
+    w64 = w.double()
+    total = w64.sum(-1)
+    slack = 4 * w.shape[-1] * EPS[torch.float32] * total
+    ge = torch.where(w >= t[:, None], w64, 0).sum(-1)
+    gt = torch.where(w > t[:, None], w64, 0).sum(-1)
+    return (ge >= p * total - slack) & (gt <= p * total + slack)
+
+
+def check_topp_threshold(device: str, rows: int, m: int, p: float, seed: int) -> None:
+    g = gen(seed)
+    w = (torch.rand(rows, m, generator=g) ** 6).to(device)
+    w[:, 0] = 1.0
+    with poisoned_empty():
+        got = ops.topp_threshold(w, p, impl="triton")
+    ref = ops.topp_threshold(w, p, impl="torch")
+    # both must be valid thresholds up to summation rounding; they differ only where the
+    # crossing lies within that rounding (at p=1 the tail below float32 resolution: always)
+    assert _mass_ok(w, got, p).all() and _mass_ok(w, ref, p).all()
+    if p < 1.0:
+        assert (got == ref).float().mean() >= 0.9, "thresholds differ on too many rows"
+    assert (w >= got[:, None]).any(-1).all()
+
+
+def check_topp_select(device: str, b: int, hkv: int, group: int, m: int, p: float,
+                      forced_kind: str, seed: int) -> None:
+    g = gen(seed)
+    n = m + 37
+    idx, cnt = random_indices(b, hkv, n, m, g, device)
+    idx = torch.sort(idx, -1).values
+    logits = torch.randn(b, hkv * group, m, generator=g).to(device) * 3
+    live = torch.arange(m, device=device) < cnt.repeat_interleave(group, 1)[..., None]
+    logits = torch.where(live, logits, torch.full_like(logits, float("-inf")))
+    kw: dict = {}
+    forced = None
+    if forced_kind == "mask":
+        forced = (torch.rand(b, hkv, m, generator=g) < 0.02).to(device)
+    elif forced_kind == "span":
+        kw = {"span": random_span(b, n, g, device, True), "sink": 4, "window": 16}
+    with poisoned_empty():
+        kept, kcnt = ops.topp_select(logits, idx, cnt, p, forced, impl="triton", **kw)
+    rkept, rcnt = ops.topp_select(logits, idx, cnt, p, forced, impl="torch", **kw)
+    mask = ops.indices_to_mask(kept, kcnt, n)
+    rmask = ops.indices_to_mask(rkept, rcnt, n)
+    assert (kcnt >= 1).all() and (kcnt <= cnt).all()
+    # the live part is ascending in candidate order (the candidates are sorted) and the
+    # padding after it is 0
+    pos = torch.arange(m, device=device)
+    pad = pos >= kcnt[..., None]
+    assert (kept[pad] == 0).all(), "padding after the kept positions is not 0"
+    livek = torch.where(pad, torch.full_like(kept, n), kept)
+    assert (livek[..., 1:] >= livek[..., :-1]).all(), "kept positions are not in order"
+    if torch.equal(mask, rmask):
+        assert torch.equal(kept, rkept) and torch.equal(kcnt, rcnt)
+        return
+    # a difference must come from float32 rounding at a threshold: each query head's
+    # kept mass (float64) still reaches p up to that rounding
+    w64 = torch.softmax(logits.double(), -1)
+    kept_cand = mask.gather(-1, idx).repeat_interleave(group, 1)
+    assert ((w64 * kept_cand).sum(-1) >= p - 1e-4).all()
+    assert (mask ^ rmask).sum().item() <= max(2, b * hkv // 4), "kept sets differ widely"
+
+
+# --- attention ---------------------------------------------------------------------------
+
+def check_gathered_scores(device: str, b: int, hkv: int, group: int, n: int, m: int, d: int,
+                          dtype: torch.dtype, seed: int) -> None:
+    g = gen(seed)
+    q = randn((b, hkv * group, d), g, dtype, device)
+    k = randn((b, hkv, n, d), g, dtype, device)
+    idx, cnt = random_indices(b, hkv, n, m, g, device)
+    sm = 1 / math.sqrt(d)
+    with poisoned_empty():
+        got = ops.gathered_scores(q, k, idx, cnt, sm, impl="triton")
+    ref = ops.gathered_scores(q, k, idx, cnt, sm, impl="torch")
+    ref64 = ops.gathered_scores(q.double(), k.double(), idx, cnt, sm, impl="torch")
+    tol = 8 * math.sqrt(d) * EPS[torch.float32] * (q.double().abs().max()
+                                                   * k.double().abs().max()).item()
+    for r in (ref, ref64):
+        assert torch.equal(got.isinf(), r.isinf()) and not got.isnan().any()
+        fin = torch.isfinite(r)
+        assert (got[fin].double() - r[fin].double()).abs().max().item() <= tol + 1e-6
+
+
+def check_sparse_attention(device: str, b: int, hkv: int, group: int, n: int, m: int, d: int,
+                           dtype: torch.dtype, seed: int, counts: list[int] | None = None) -> None:
+    g = gen(seed)
+    q = randn((b, hkv * group, d), g, dtype, device)
+    k = randn((b, hkv, n, d), g, dtype, device)
+    v = randn((b, hkv, n, d), g, dtype, device)
+    c = None if counts is None else torch.tensor(counts).view(b, hkv)
+    idx, cnt = random_indices(b, hkv, n, m, g, device, c)
+    sm = 1 / math.sqrt(d)
+    with poisoned_empty():
+        got = ops.sparse_attention(q, k, v, idx, cnt, sm, impl="triton")
+    ref = ops.sparse_attention(q, k, v, idx, cnt, sm, impl="torch")
+    ref64 = ops.sparse_attention(q.double(), k.double(), v.double(), idx, cnt, sm, impl="torch")
+    assert got.dtype == dtype and got.shape == q.shape
+    assert torch.isfinite(got).all(), "non-finite (unwritten?) output"
+    # the kernel multiplies probabilities by V in V's precision (as flash attention does)
+    assert_close_ulps(got, ref, dtype, 4 if dtype != torch.float32 else 64, "vs reference")
+    assert rel_error(got, ref64) <= REL64[dtype]
+
+
+# --- clusters ----------------------------------------------------------------------------
+
+def check_assign_nearest(device: str, b: int, h: int, n: int, c: int, d: int,
+                         dtype: torch.dtype, seed: int) -> None:
+    g = gen(seed)
+    keys = randn((b, h, n, d), g, dtype, device)
+    cents = randn((b, h, c, d), g, torch.float32, device)
+    alive = (torch.rand(b, h, c, generator=g) > 0.2).to(device)
+    alive[..., 0] = True
+    with poisoned_empty():
+        got = ops.assign_nearest(keys, cents, alive, impl="triton")
+    ref = ops.assign_nearest(keys, cents, alive, impl="torch")
+    assert got.dtype == torch.int64 and got.shape == ref.shape
+    assert alive.gather(-1, got).all(), "a dead centroid was chosen"
+    # float64 distances: the chosen centroid is the nearest up to float32 rounding
+    dist = torch.cdist(keys.double().reshape(b * h, n, d), cents.double().reshape(b * h, c, d))
+    dist = dist.view(b, h, n, c).masked_fill(~alive[:, :, None, :], float("inf")) ** 2
+    best = dist.amin(-1)
+    chosen = dist.gather(-1, got[..., None])[..., 0]
+    scale = (keys.double().norm(dim=-1) ** 2 + cents.double().norm(dim=-1).amax(-1, keepdim=True)
+             ** 2)
+    assert ((chosen - best) <= 1e-5 * scale + 1e-6).all()
+    assert (got == ref).float().mean() >= 0.99
+
+
+def check_centroid_scores(device: str, b: int, hkv: int, group: int, c: int, d: int,
+                          dtype: torch.dtype, cent_dtype: torch.dtype, seed: int) -> None:
+    g = gen(seed)
+    q = randn((b, hkv * group, d), g, dtype, device)
+    cents = randn((b, hkv, c, d), g, cent_dtype, device)
+    sizes = torch.randint(0, 3, (b, hkv, c), generator=g).to(device)
+    with poisoned_empty():
+        got = ops.centroid_scores(q, cents, sizes, 0.1, impl="triton")
+    ref = ops.centroid_scores(q, cents, sizes, 0.1, impl="torch")
+    ref64 = ops.centroid_scores(q.double(), cents.double(), sizes, 0.1, impl="torch")
+    tol = 0.8 * math.sqrt(d) * EPS[torch.float32] * (q.double().abs().max()
+                                                     * cents.double().abs().max()).item()
+    for r in (ref, ref64):
+        assert torch.equal(got.isinf(), r.isinf()) and not got.isnan().any()
+        fin = torch.isfinite(r)
+        assert (got[fin].double() - r[fin].double()).abs().max().item() <= tol + 1e-6
+
+
+def check_cluster_tokens(device: str, b: int, h: int, n: int, c: int, capacity: int,
+                         seed: int) -> None:
+    g = gen(seed)
+    labels = torch.randint(0, c, (b, h, n), generator=g)
+    labels[..., ::7] = -1  # padding
+    sizes = torch.stack([torch.bincount(r[r >= 0], minlength=c) for r in labels.view(-1, n)])
+    sizes = sizes.view(b, h, c)
+    members = torch.argsort(torch.where(labels >= 0, labels, c), dim=-1, stable=True).int()
+    offsets = torch.cumsum(sizes, -1) - sizes
+    order = torch.stack([torch.randperm(c, generator=g) for _ in range(b * h)]).view(b, h, c)
+    size_r = sizes.gather(-1, order)
+    take = torch.where(torch.rand(b, h, c, generator=g) < 0.3, size_r, 0)
+    args = [t.to(device) for t in (order, take, offsets, members)]
+    with poisoned_empty():
+        tok, cnt, rank = ops.cluster_tokens(*args, capacity, impl="triton")
+    rtok, rcnt, rrank = ops.cluster_tokens(*args, capacity, impl="torch")
+    assert torch.equal(cnt, rcnt)
+    live = torch.arange(capacity, device=device) < cnt[..., None]
+    assert torch.equal(tok[live], rtok[live]) and torch.equal(rank[live], rrank[live])
+    if n * c > 10**6:  # the brute force below is for small shapes
+        return
+    # brute force: the members of the taken clusters, in rank order
+    labels, order, take, rtok, rcnt = (t.cpu() for t in (labels, order, take, rtok, rcnt))
+    for i in range(b):
+        for j in range(h):
+            want = [p for r in range(c) if take[i, j, r] > 0
+                    for p in torch.nonzero(labels[i, j] == order[i, j, r]).flatten().tolist()]
+            want = want[:capacity]
+            assert rtok[i, j, :len(want)].tolist() == want
+            assert rcnt[i, j].item() == len(want)
