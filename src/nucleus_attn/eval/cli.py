@@ -82,7 +82,11 @@ def write_report(store: RowStore, out: Path, command: str) -> list[Path]:
     """``report.md``, ``accuracy_vs_kept.png`` and ``kept_heatmap.png`` from all rows."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    md = ["# nucleus-attn eval", "", f"Command: `{command}`", "",
+    runs = [r for r in store.rows if r.get("kind") == "run"]
+    md = ["# nucleus-attn eval", ""]
+    md += [f"Sweep: `{r['command']}` ({r['env']})" for r in runs] or [
+        "Sweep commands: see the README beside this file."]
+    md += ["", f"Report built with: `{command}`", "",
           "Accuracy is % correct (greedy); kept % is the mean kept fraction of tokens over "
           "the sparse layers (first layers dense), with its spread (std) over layers and KV "
           "heads; mass is the exact softmax mass kept, mean and lowest per-head mean.", ""]
@@ -135,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
     configs = _configs(args.methods)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    env = (f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, {dtype}, "
+           f"python {sys.version.split()[0]}, torch {torch.__version__}")
+    store.add({"kind": "run", "command": command, "env": env})
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     model, tok = load_model(args.model, dtype=dtype, device=device)

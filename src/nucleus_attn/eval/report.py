@@ -8,7 +8,6 @@ from and written to JSON lines by :mod:`nucleus_attn.eval.store`.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,15 +21,34 @@ def _mean(xs: Iterable[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def label(row: Row) -> str:
+    """The row's method setting as ``name:knob=value,...`` (budget knob always shown)."""
+    from ..methods import describe, make_config
+
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in row["params"].items()}
+    return describe(make_config(row["name"], **params))
+
+
 def task_rows(rows: list[Row]) -> list[Row]:
     return [r for r in rows if r.get("kind") == "task"]
 
 
+def dropped_cells(rows: list[Row]) -> set[tuple[str, int]]:
+    """(task, length) cells not swept because dense scored under the threshold."""
+    return {(r["task"], r["length"]) for r in rows if r.get("kind") == "dropped"}
+
+
+def swept_rows(rows: list[Row]) -> list[Row]:
+    """Task rows of the swept cells only (dense included), so that means compare alike."""
+    dropped = dropped_cells(rows)
+    return [r for r in task_rows(rows) if (r["task"], r["length"]) not in dropped]
+
+
 def summarize(rows: list[Row]) -> list[Row]:
-    """One row per (length, method): accuracy averaged over tasks, budget averaged too."""
+    """One row per (length, method) over the swept tasks: mean accuracy, mean budget."""
     groups: dict[tuple[int, str], list[Row]] = defaultdict(list)
-    for r in task_rows(rows):
-        groups[(r["length"], r["method"])].append(r)
+    for r in swept_rows(rows):
+        groups[(r["length"], label(r))].append(r)
     out = []
     for (length, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], _order(kv[1]))):
         out.append({
@@ -58,13 +76,32 @@ def _order(rs: list[Row]) -> tuple[int, float]:
                                                                       for r in rs))
 
 
+def dense_markdown(rows: list[Row]) -> list[str]:
+    """Dense accuracy per task and length, every cell (swept or not)."""
+    dense = [r for r in task_rows(rows) if r["name"] == "dense"]
+    if not dense:
+        return []
+    tasks = sorted({r["task"] for r in dense})
+    lengths = sorted({r["length"] for r in dense})
+    acc = {(r["task"], r["length"]): r["accuracy"] for r in dense}
+    dropped = dropped_cells(rows)
+    lines = ["### dense accuracy per task and length (* = not swept: dense too low)", "",
+             "| task | " + " | ".join(str(n) for n in lengths) + " |",
+             "|---|" + "---|" * len(lengths)]
+    for t in tasks:
+        cells = [f"{100 * acc[t, n]:.0f}{'*' if (t, n) in dropped else ''}"
+                 if (t, n) in acc else "" for n in lengths]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def markdown(rows: list[Row]) -> str:
-    """Tables per context length: accuracy per task and mean, kept fraction, mass kept."""
-    lines: list[str] = []
+    """Dense accuracy first; then per length, the sweep over the swept tasks."""
+    lines: list[str] = dense_markdown(rows)
     summary = summarize(rows)
-    tasks = sorted({t for s in summary for t in s["tasks"]})
     for length in sorted({s["length"] for s in summary}):
-        lines += [f"### {length} tokens", ""]
+        tasks = sorted({t for s in summary if s["length"] == length for t in s["tasks"]})
+        lines += [f"### {length} tokens (mean over the swept tasks)", ""]
         head = ["method", *tasks, "mean acc.", "kept % (std over heads)", "mass kept (min)", "n"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in (s for s in summary if s["length"] == length):
@@ -80,17 +117,29 @@ def markdown(rows: list[Row]) -> str:
         lines += ["### perplexity", "",
                   "| prefix | method | ppl | kept % (std) | mass kept (min) | tokens |",
                   "|---|---|---|---|---|---|"]
-        for r in sorted(ppl, key=lambda r: (r["length"], r["name"], r["kept_fraction"])):
-            lines.append(f"| {r['length']} | {r['method']} | {r['ppl']:.3f} | "
+        for r in sorted(ppl, key=lambda r: (r["length"], _order([r]))):
+            lines.append(f"| {r['length']} | {label(r)} | {r['ppl']:.3f} | "
                          f"{100 * r['kept_fraction']:.2f} ({100 * r['kept_fraction_std']:.2f}) | "
                          f"{r['mass']:.4f} ({r['mass_min']:.3f}) | {r['tokens']} |")
         lines.append("")
     return "\n".join(lines)
 
 
+SWEPT_KNOBS = ("p", "budget", "window")
+
+
+def curve_label(method: str) -> str:
+    """``twilight:p=0.9,base_budget=0.5`` -> ``twilight (base_budget=0.5)``: one curve per
+    method and fixed parameters, along the knob that sets the budget."""
+    name, _, rest = method.partition(":")
+    fixed = [kv for kv in rest.split(",") if kv and kv.split("=")[0] not in SWEPT_KNOBS]
+    return name + (f" ({', '.join(fixed)})" if fixed else "")
+
+
 def plot_accuracy(rows: list[Row], path: Path) -> Path:
     """Accuracy (mean over tasks) vs mean kept fraction, a panel per length, a curve per method."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -102,7 +151,7 @@ def plot_accuracy(rows: list[Row], path: Path) -> Path:
         by_name: dict[str, list[Row]] = defaultdict(list)
         for s in summary:
             if s["length"] == length:
-                by_name[s["name"]].append(s)
+                by_name[curve_label(s["method"])].append(s)
         for name, ss in by_name.items():
             if name == "dense":
                 ax.axhline(100 * ss[0]["accuracy"], color="black", ls="--", lw=1, label="dense")
@@ -111,52 +160,64 @@ def plot_accuracy(rows: list[Row], path: Path) -> Path:
             ax.plot([100 * s["kept_fraction"] for s in ss], [100 * s["accuracy"] for s in ss],
                     marker="o", label=name)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("mean kept fraction of tokens (%)")
         ax.set_ylabel("accuracy, mean over tasks (%)")
         ax.set_title(f"{length} tokens")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles),
+               fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
 def plot_heatmaps(rows: list[Row], path: Path, names: tuple[str, ...] = ("twilight", "tactic"),
-                  ) -> Path | None:
-    """Layer x head mean kept fraction for each adaptive method setting at the longest length."""
+                  p: float = 0.9) -> Path | None:
+    """Layer x KV head mean kept fraction of the adaptive methods at ``p``, one row per length.
+
+    One panel per method and fixed parameters (e.g. each Twilight base budget), averaged
+    over the swept tasks of that length; the y axis gives the model's layer indices.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tr = [r for r in task_rows(rows) if r["name"] in names and r.get("layer_head_kept")]
+    tr = [{**r, "method": label(r)} for r in swept_rows(rows) if r["name"] in names
+          and r.get("layer_head_kept") and r["params"].get("p") == p]
     if not tr:
         return None
-    length = max(r["length"] for r in tr)
-    cells: dict[str, list[list[list[float]]]] = defaultdict(list)
-    for r in tr:
-        if r["length"] == length:
-            cells[r["method"]].append(r["layer_head_kept"])
-    methods = sorted(cells, key=lambda m: (m.split(":")[0], m))
-    cols = min(4, len(methods))
-    nrows = math.ceil(len(methods) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.8 * nrows), squeeze=False)
-    for ax in axes.flat[len(methods):]:
-        ax.axis("off")
-    for ax, m in zip(axes.flat, methods, strict=False):
-        mats = cells[m]
-        layers, heads = len(mats[0]), len(mats[0][0])
-        grid = [[100 * _mean(mat[li][h] for mat in mats) for h in range(heads)]
-                for li in range(layers)]
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0,
-                       vmax=max(1.0, max(max(g) for g in grid)))
-        ax.set_title(m, fontsize=9)
-        ax.set_xlabel("KV head")
-        ax.set_ylabel("layer")
-        fig.colorbar(im, ax=ax, label="kept %")
-    fig.suptitle(f"mean kept fraction per layer and KV head, {length} tokens (mean over tasks)")
+    lengths = sorted({r["length"] for r in tr})
+    labels = sorted({curve_label(r["method"]) for r in tr})
+    fig, axes = plt.subplots(len(lengths), len(labels), squeeze=False,
+                             figsize=(3.6 * len(labels), 4.2 * len(lengths)))
+    for ax_row, length in zip(axes, lengths, strict=True):
+        for ax, curve in zip(ax_row, labels, strict=True):
+            mats = [r for r in tr if r["length"] == length and curve_label(r["method"]) == curve]
+            if not mats:
+                ax.axis("off")
+                continue
+            layers = mats[0]["sparse_layers"]
+            heads = len(mats[0]["layer_head_kept"][0])
+            grid = [[100 * _mean(r["layer_head_kept"][li][h] for r in mats)
+                     for h in range(heads)] for li in range(len(layers))]
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+            ax.set_title(f"{curve}, p={p}, {length} tokens", fontsize=9)
+            ax.set_xticks(range(heads))
+            ax.set_xlabel("KV head")
+            ticks = list(range(0, len(layers), max(1, len(layers) // 7)))
+            ax.set_yticks(ticks, [str(layers[t]) for t in ticks])
+            ax.set_ylabel("layer")
+            fig.colorbar(im, ax=ax, label="kept %")
+    fig.suptitle("mean kept fraction per layer and KV head (mean over the swept tasks)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

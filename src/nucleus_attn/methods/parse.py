@@ -62,8 +62,21 @@ def parse_method(spec: str) -> MethodConfig:
     return configs[0]
 
 
+#: The knob that sets a method's budget, shown by :func:`describe` even at its default: the
+#: first of these that the config has.
+BUDGET_KNOBS = ("p", "budget", "window")
+
+
 def describe(cfg: MethodConfig) -> str:
-    """The inverse of :func:`parse_method` for the fields that differ from the defaults."""
+    """The inverse of :func:`parse_method`: the budget knob and every non-default field.
+
+    Examples
+    --------
+    >>> from nucleus_attn import Twilight
+    >>> describe(Twilight(base_budget=0.5))
+    'twilight:p=0.95,base_budget=0.5'
+    """
     default = type(cfg)()
-    changed = [f"{k}={v}" for k, v in vars(cfg).items() if getattr(default, k) != v]
-    return cfg.name + (":" + ",".join(changed) if changed else "")
+    knob = next((k for k in BUDGET_KNOBS if hasattr(cfg, k)), None)
+    shown = [f"{k}={v}" for k, v in vars(cfg).items() if k == knob or getattr(default, k) != v]
+    return cfg.name + (":" + ",".join(shown) if shown else "")
