@@ -111,8 +111,17 @@ def check_int(name: str, field: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name}: {field}={value!r} must be an int >= {minimum}")
 
 
+def check_sink_window(name: str, sink: int, window: int) -> None:
+    check_int(name, "sink", sink, 0)
+    check_int(name, "window", window, 0)
+
+
 def resolve_budget(budget: Budget, n: int) -> int:
-    """Tokens for a budget given as tokens (int) or as a fraction of ``n`` (float)."""
+    """Tokens for a budget given as tokens (int) or as a fraction of ``n`` (float).
+
+    ``n`` is the cache length N, so in a left-padded batch a fraction is of the padded
+    length: a static number, which keeps the step free of host syncs.
+    """
     if isinstance(budget, float):
         return max(1, math.ceil(budget * n))
     return int(budget)
@@ -129,21 +138,6 @@ def forced_positions(span: KeySpan, num_kv_heads: int, sink: int, window: int) -
 def valid_positions(span: KeySpan, num_kv_heads: int) -> Tensor:
     """``[B, Hkv, N]`` bool: the valid keys, broadcast over KV heads."""
     return span.valid_mask()[:, None, :].expand(-1, num_kv_heads, -1)
-
-
-def keep_best(agg: Tensor, budget: int, forced: Tensor) -> Tensor:
-    """Forced items plus the best others, ``budget`` items in all (or just the forced ones).
-
-    ``agg`` is ``[..., X]`` (``-inf`` for items that do not exist), ``forced`` a bool mask
-    of the same shape. Returns the kept items as a bool mask. Forced items never compete
-    for places, so which items are kept does not depend on ties among them.
-    """
-    k = min(budget, agg.shape[-1])
-    others = agg.masked_fill(forced, float("-inf"))
-    top = torch.topk(others, k, dim=-1, sorted=True)
-    room = k - forced.sum(-1, keepdim=True)  # places left after the forced items
-    take = (torch.arange(k, device=agg.device) < room) & torch.isfinite(top.values)
-    return forced | torch.zeros_like(forced).scatter_(-1, top.indices, take)
 
 
 def grow(buf: Tensor, size: int, dim: int = 2) -> Tensor:

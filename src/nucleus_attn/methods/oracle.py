@@ -20,10 +20,9 @@ from .base import (
     MethodSpec,
     Selection,
     check_budget,
-    check_int,
     check_p,
+    check_sink_window,
     forced_positions,
-    keep_best,
     resolve_budget,
     valid_positions,
 )
@@ -58,8 +57,7 @@ class OracleTopKConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         check_budget(self.name, "budget", self.budget)
-        check_int(self.name, "sink", self.sink, 0)
-        check_int(self.name, "window", self.window, 0)
+        check_sink_window(self.name, self.sink, self.window)
 
 
 def select_topk(q: Tensor, k: Tensor, state: None, span: KeySpan, cfg: OracleTopKConfig,
@@ -70,7 +68,7 @@ def select_topk(q: Tensor, k: Tensor, state: None, span: KeySpan, cfg: OracleTop
     if budget >= n:
         return Selection.everything(span, hkv)
     agg = ops.group_logsoftmax_max(exact_logits(q, k, span, scale), hkv)
-    keep = keep_best(agg, budget, forced_positions(span, hkv, cfg.sink, cfg.window))
+    keep = ops.keep_best(agg, budget, forced_positions(span, hkv, cfg.sink, cfg.window))
     idx, cnt = ops.mask_to_indices(keep, capacity=max(budget, cfg.sink + cfg.window))
     return Selection(idx, cnt, span.lengths[:, None].expand(-1, hkv))
 
@@ -95,8 +93,7 @@ class OracleTopPConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         check_p(self.name, self.p)
-        check_int(self.name, "sink", self.sink, 0)
-        check_int(self.name, "window", self.window, 0)
+        check_sink_window(self.name, self.sink, self.window)
 
 
 def select_topp(q: Tensor, k: Tensor, state: None, span: KeySpan, cfg: OracleTopPConfig,

@@ -21,6 +21,7 @@ from .base import (
     Selection,
     check_budget,
     check_int,
+    check_sink_window,
     grow,
     resolve_budget,
 )
@@ -50,8 +51,7 @@ class QuestConfig(MethodConfig):
     def __post_init__(self) -> None:
         check_budget(self.name, "budget", self.budget)
         check_int(self.name, "page_size", self.page_size, 1)
-        check_int(self.name, "sink", self.sink, 0)
-        check_int(self.name, "window", self.window, 0)
+        check_sink_window(self.name, self.sink, self.window)
 
 
 @dataclass

@@ -32,7 +32,15 @@ from torch import Tensor
 
 from .. import ops
 from ..span import KeySpan
-from .base import MethodConfig, MethodSpec, Selection, check_int, check_p, grow
+from .base import (
+    MethodConfig,
+    MethodSpec,
+    Selection,
+    check_int,
+    check_p,
+    check_sink_window,
+    grow,
+)
 
 EULER_GAMMA = 0.5772156649015329
 
@@ -89,8 +97,7 @@ class TacticConfig(MethodConfig):
                 "fractions in [0, 1], e.g. (0.1, 0.6)"
             )
         check_int(self.name, "sample_tokens", self.sample_tokens, 1)
-        check_int(self.name, "sink", self.sink, 0)
-        check_int(self.name, "window", self.window, 0)
+        check_sink_window(self.name, self.sink, self.window)
         check_int(self.name, "recluster_every", self.recluster_every, 1)
 
 

@@ -25,6 +25,7 @@ from .base import (
     check_budget,
     check_int,
     check_p,
+    check_sink_window,
     grow,
     resolve_budget,
     valid_positions,
@@ -69,8 +70,7 @@ class TwilightConfig(MethodConfig):
             raise ValueError(f"twilight: base={self.base!r} is not one of {BASES}")
         check_budget(self.name, "base_budget", self.base_budget)
         check_int(self.name, "page_size", self.page_size, 1)
-        check_int(self.name, "sink", self.sink, 0)
-        check_int(self.name, "window", self.window, 0)
+        check_sink_window(self.name, self.sink, self.window)
 
 
 @dataclass

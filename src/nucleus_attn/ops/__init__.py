@@ -14,8 +14,8 @@ from .select import (
     compact,
     group_logsoftmax_max,
     indices_to_mask,
+    keep_best,
     mask_to_indices,
-    topk_with_forced,
 )
 from .topp import topp_select, topp_threshold, topp_threshold_reference, topp_weights
 
@@ -30,6 +30,7 @@ __all__ = [
     "group_logsoftmax_max",
     "indices_to_mask",
     "int4_scores",
+    "keep_best",
     "kmeans",
     "mask_to_indices",
     "page_minmax",
@@ -39,7 +40,6 @@ __all__ = [
     "quantize_int4",
     "sparse_attention",
     "topk_pages",
-    "topk_with_forced",
     "topp_select",
     "topp_threshold",
     "topp_threshold_reference",

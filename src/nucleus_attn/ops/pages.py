@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..span import KeySpan
 from ._dispatch import cdiv, kernel, last_dim_dense, next_pow2, row_strides, tl, use_triton
-from .select import compact, group_logsoftmax_max, mask_to_indices
+from .select import compact, group_logsoftmax_max, keep_best, mask_to_indices
 
 MAX_ROW_PAGES = 1 << 16  # pages a row kernel keeps in registers (1M tokens at page 16)
 SCORES_BLOCK_P = 32  # pages per page_scores program (tuned on an H100, d=128)
@@ -300,11 +300,7 @@ def topk_pages_reference(
     forced_tok = span.forced(pos, sink, window)
     forced = torch.nn.functional.pad(forced_tok, (0, p * page_size - span.n))
     forced = forced.view(-1, 1, p, page_size).any(-1).expand_as(agg)
-    kk = min(k, p)
-    top = torch.topk(agg.masked_fill(forced, float("-inf")), kk, dim=-1, sorted=True)
-    room = kk - forced.sum(-1, keepdim=True)  # places left after the forced pages
-    take = (torch.arange(kk, device=agg.device) < room) & torch.isfinite(top.values)
-    chosen = forced | torch.zeros_like(forced).scatter_(-1, top.indices, take)
+    chosen = keep_best(agg, k, forced)
     ids, cnt = mask_to_indices(chosen, topk_pages_capacity(p, page_size, k, sink, window))
     live = torch.arange(ids.shape[-1], device=ids.device) < cnt[..., None]
     ids = torch.where(live, ids, torch.full_like(ids, p))  # page P lies past every span

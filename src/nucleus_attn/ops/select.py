@@ -75,14 +75,16 @@ def group_logsoftmax_max(scores: Tensor, num_kv_heads: int) -> Tensor:
     return logp.view(b, num_kv_heads, hq // num_kv_heads, x).amax(2)
 
 
-def topk_with_forced(agg: Tensor, k: int, forced: Tensor | None = None) -> Tensor:
-    """Indices (along the last dim) of the ``k`` best items, forced items first.
+def keep_best(agg: Tensor, budget: int, forced: Tensor) -> Tensor:
+    """Forced items plus the best others, ``budget`` items in all (or just the forced ones).
 
-    ``agg`` is ``[..., X]``; ``forced`` (bool, same shape) items win regardless of score.
-    ``k`` is clipped to X. Items scored ``-inf`` may fill the tail when fewer than ``k``
-    exist; callers drop them by validity.
+    ``agg`` is ``[..., X]`` (``-inf`` for items that do not exist), ``forced`` a bool mask
+    of the same shape. Returns the kept items as a bool mask. Forced items never compete
+    for places, so which items are kept does not depend on ties among them.
     """
-    k = min(k, agg.shape[-1])
-    if forced is not None:
-        agg = torch.where(forced, torch.full_like(agg, float("inf")), agg)
-    return torch.topk(agg, k, dim=-1, sorted=False).indices
+    k = min(budget, agg.shape[-1])
+    others = agg.masked_fill(forced, float("-inf"))
+    top = torch.topk(others, k, dim=-1, sorted=True)
+    room = k - forced.sum(-1, keepdim=True)  # places left after the forced items
+    take = (torch.arange(k, device=agg.device) < room) & torch.isfinite(top.values)
+    return forced | torch.zeros_like(forced).scatter_(-1, top.indices, take)
