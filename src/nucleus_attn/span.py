@@ -11,6 +11,7 @@ real tokens) from here, so ragged batches never attend to padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -28,6 +29,9 @@ class KeySpan:
         ``[B]`` int64, one past the last valid position (``1 <= ends - starts``).
     n : int
         Padded cache length N (``ends <= n``).
+
+    A span is immutable: derived values (``lengths``) are computed once, so build a new
+    span rather than writing into ``starts``/``ends`` (also between CUDA-graph replays).
     """
 
     starts: Tensor
@@ -46,9 +50,10 @@ class KeySpan:
         ends = lengths.to(torch.int64)
         return KeySpan(torch.zeros_like(ends), ends, n)
 
-    @property
+    @cached_property
     def lengths(self) -> Tensor:
-        """``[B]`` number of valid keys per sequence."""
+        """``[B]`` number of valid keys per sequence (computed once per span: the model
+        integration shares one span between all layers of a decode step)."""
         return self.ends - self.starts
 
     def positions(self) -> Tensor:
