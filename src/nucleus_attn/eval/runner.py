@@ -119,6 +119,7 @@ def generate_from(model: Any, cache: Any, ids: torch.Tensor, mask: torch.Tensor,
     explicit positions for left-padded rows. Returns ``[B, new_tokens]`` token ids.
     """
     b = ids.shape[0]
+    cache_arg = {cache_kwarg(model): cache}
     tok = ids[:, -1:]
     pos = _positions(mask)[:, -1:]
     out = []
@@ -126,7 +127,7 @@ def generate_from(model: Any, cache: Any, ids: torch.Tensor, mask: torch.Tensor,
     with torch.no_grad():
         for _ in range(new_tokens):
             logits = model(input_ids=tok, attention_mask=mask, use_cache=True,
-                           position_ids=pos, **{cache_kwarg(model): cache}).logits[:, -1]
+                           position_ids=pos, **cache_arg).logits[:, -1]
             tok = logits.argmax(-1, keepdim=True)
             out.append(tok)
             if eos is not None:
@@ -207,13 +208,14 @@ def perplexity_cells(
             cell = out[describe(cfg)]
             cache = copy.deepcopy(base)
             nll = 0.0
+            cache_arg = {cache_kwarg(model): cache}
             with enable(model, cfg, dense_layers=dense_layers, diagnostics=True) as handle, \
                     torch.no_grad():
                 for t in range(len(cont)):
                     pos = torch.tensor([[p - 1 + t]], device=device)
                     logits = model(input_ids=ids[:, p - 1 + t:p + t],
                                    attention_mask=mask[:, :p + t], use_cache=True,
-                                   position_ids=pos, **{cache_kwarg(model): cache}).logits[0, -1]
+                                   position_ids=pos, **cache_arg).logits[0, -1]
                     nll -= torch.log_softmax(logits.float(), -1)[cont[t]].item()
                 cell[2].add(handle.summary())
             cell[0] += nll
