@@ -322,6 +322,25 @@ def check_sparse_attention(device: str, b: int, hkv: int, group: int, n: int, m:
     assert rel_error(got, ref64) <= REL64[dtype]
 
 
+def check_dense_attention(device: str, b: int, hkv: int, group: int, n: int, d: int,
+                          dtype: torch.dtype, seed: int) -> None:
+    """The range kernel over a random left- and right-padded span."""
+    g = gen(seed)
+    q = randn((b, hkv * group, d), g, dtype, device)
+    k = randn((b, hkv, n, d), g, dtype, device)
+    v = randn((b, hkv, n, d), g, dtype, device)
+    span = random_span(b, n, g, device, ragged=True)
+    sm = 1 / math.sqrt(d)
+    with poisoned_empty():
+        got = ops.dense_attention(q, k, v, span, sm, impl="triton")
+    ref = ops.dense_attention(q, k, v, span, sm, impl="torch")
+    ref64 = ops.dense_attention(q.double(), k.double(), v.double(), span, sm, impl="torch")
+    assert got.dtype == dtype and got.shape == q.shape
+    assert torch.isfinite(got).all(), "non-finite (unwritten?) output"
+    assert_close_ulps(got, ref, dtype, 4 if dtype != torch.float32 else 64, "vs reference")
+    assert rel_error(got, ref64) <= REL64[dtype]
+
+
 # --- clusters ----------------------------------------------------------------------------
 
 def check_assign_nearest(device: str, b: int, h: int, n: int, c: int, d: int,

@@ -14,6 +14,7 @@ import nucleus_attn as na
 
 transformers = pytest.importorskip("transformers")
 
+from nucleus_attn.eval.runner import cache_kwarg  # noqa: E402
 from nucleus_attn.integrations import format_budget, hf  # noqa: E402
 
 ALL = na.methods()
@@ -229,6 +230,57 @@ def test_metadata_follows_appended_tokens(llama):
         torch.testing.assert_close(layer.state.pages.kmax[:, :, :pages], fresh.pages.kmax)
         assert torch.equal(layer.state.keys.codes[:, :, :k.shape[2]], fresh.keys.codes)
         assert handle.summary()["sparse_kept_fraction"] < 1.0
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_static_cache_equals_dynamic_cache(llama, method):
+    """A pre-allocated cache (N fixed, the newest token's position on the device) gives the
+    tokens of the growing cache, in a left-padded batch at real sparse budgets."""
+    ids, mask = left_pad(prompts(40, 24))
+    with na.enable(llama, method, dense_layers=1, **HF_CASES[method]) as handle:
+        dynamic = generate(llama, ids, mask, new=20)
+        static = generate(llama, ids, mask, new=20, cache_implementation="static")
+        assert torch.equal(static, dynamic)
+        if method != "dense":
+            assert handle.summary()["sparse_kept_fraction"] < 1.0
+
+
+def test_static_cache_metadata_follows_written_tokens(llama):
+    """After a static-cache generation, the metadata updated in place token by token equals
+    a fresh build over the final cache."""
+    rows = prompts(37, 21)
+    ids, mask = left_pad(rows)
+    cache = transformers.StaticCache(config=llama.config, max_cache_len=128)
+    with na.enable(llama, "twilight", dense_layers=0, p=0.8, base_budget=32) as handle:
+        with torch.inference_mode():
+            llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=60,
+                           min_new_tokens=60, do_sample=False, pad_token_id=PAD,
+                           **{cache_kwarg(llama): cache})
+        k = cache.layers[1].keys
+        n = k.shape[2]
+        written = 37 + 60 - 1  # the last token generated is never written to the cache
+        assert n == 128  # pre-allocated beyond what was written
+        span = na.KeySpan(torch.tensor([0, 16]), torch.full((2,), written), n)
+        fresh = na.new_state(handle.config, k, span)
+        state = handle._layers[1].state
+        torch.testing.assert_close(state.pages.kmin, fresh.pages.kmin)
+        torch.testing.assert_close(state.pages.kmax, fresh.pages.kmax)
+        assert torch.equal(state.keys.codes[:, :, :written], fresh.keys.codes[:, :, :written])
+
+
+def test_static_cache_tactic_keeps_tokens_written_after_clustering(llama):
+    """Tokens written to a static cache after clustering are attended (not only while they
+    are in the window), and re-clustering every few tokens gives the same tokens."""
+    ids, mask = left_pad(prompts(40, 24))
+    params = dict(HF_CASES["tactic"], window=2)
+    with na.enable(llama, "tactic", dense_layers=0, **params):
+        dynamic = generate(llama, ids, mask, new=24)
+        static = generate(llama, ids, mask, new=24, cache_implementation="static")
+    with na.enable(llama, "tactic", dense_layers=0, recluster_every=5, **params):
+        often = generate(llama, ids, mask, new=24, cache_implementation="static")
+        often_dynamic = generate(llama, ids, mask, new=24)
+    assert torch.equal(static, dynamic)
+    assert torch.equal(often, often_dynamic)
 
 
 def test_inference_mode_then_no_grad(llama):

@@ -9,6 +9,7 @@ from ops_helpers import (
     check_assign_nearest,
     check_centroid_scores,
     check_cluster_tokens,
+    check_dense_attention,
     check_gathered_scores,
     check_int4_scores,
     check_page_minmax,
@@ -83,6 +84,14 @@ SHAPES = [(8, 4, 32768, 8192, 128), (8, 4, 131072, 2600, 128), (2, 3, 4099, 1000
 @pytest.mark.parametrize(("hkv", "group", "n", "m", "d"), SHAPES)
 def test_sparse_attention(dtype, hkv, group, n, m, d):
     check_sparse_attention(DEV, 4, hkv, group, n, m, d, dtype, seed=n + m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize(("hkv", "group", "n", "d"),
+                         [(8, 4, 131072, 128), (8, 4, 4099, 128), (2, 3, 1000, 64),
+                          (1, 8, 17, 256), (4, 1, 30001, 128)])
+def test_dense_attention_over_span(dtype, hkv, group, n, d):
+    check_dense_attention(DEV, 4, hkv, group, n, d, dtype, seed=n + group)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])

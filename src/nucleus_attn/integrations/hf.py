@@ -8,13 +8,15 @@
 - runs each decode step (``q_len == 1``) of each sparse layer through
   :func:`nucleus_attn.decode_step`, with the method's metadata kept per layer;
 - runs the first ``dense_layers`` layers, every sliding-window layer and, under the
-  ``dense`` method, every layer with transformers' SDPA and the mask transformers built:
-  windows keep their exact semantics, and unpadded decode runs SDPA with GQA and no mask
-  (the fastest dense baseline).
+  ``dense`` method, every layer densely: sliding windows with transformers' SDPA and its
+  window mask (exact window semantics), unpadded decode with SDPA, GQA and no mask, padded
+  or static caches with our range kernel over the valid keys (no mask materialised, KV
+  heads not repeated). That is the fastest dense baseline.
 
-Which keys exist per sequence (left padding) is read from the boolean decode mask of
-transformers' ``sdpa_mask`` (registered under our name: without it, padded batches would
-get no mask at all) as a :class:`~nucleus_attn.KeySpan`.
+Which keys exist per sequence (left padding before them, the unwritten part of a static
+cache after them) is read from the boolean decode mask of transformers' ``sdpa_mask``
+(registered under our name: without it, padded batches would get no mask at all) as a
+:class:`~nucleus_attn.KeySpan`, on the device.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .. import ops
 from ..decode import decode_step, new_state
 from ..methods import MethodConfig, MethodState, describe, make_config
 from ..span import KeySpan
 from .stats import LayerStats, print_summary, summarize
+from .tp import check_tensor_parallel, tp_world_size
 
 #: Name under which the attention and mask functions are registered with transformers.
 ATTN_NAME = "nucleus_attn"
@@ -99,17 +103,20 @@ class SparseDecodeHandle:
         Number of first layers kept dense.
     diagnostics : bool
         Whether the exact kept attention mass is measured at each step.
+    stats : bool
+        Whether kept counts are recorded at each step (may be switched at any time).
     enabled : bool
         False once :meth:`disable` ran.
     """
 
     def __init__(self, model: PreTrainedModel, config: MethodConfig, dense_layers: int,
-                 diagnostics: bool, previous: str, layers: dict[int, _Layer],
+                 diagnostics: bool, stats: bool, previous: str, layers: dict[int, _Layer],
                  modules: list[nn.Module]) -> None:
         self.model = model
         self.config = config
         self.dense_layers = dense_layers
         self.diagnostics = diagnostics
+        self.stats = stats
         self.enabled = True
         self._previous = previous
         self._layers = layers
@@ -201,15 +208,26 @@ class SparseDecodeHandle:
         windowed = kwargs.get("sliding_window") is not None
         if windowed and layer.stats.kind == "sparse":
             layer.stats.kind = "sliding"
-        if q_len > 1 or layer.stats.dense or module.training:
-            # prefill, dense layers, the dense method: transformers' SDPA, which runs GQA
-            # without repeating KV heads and without a mask when nothing is padded
-            if q_len > 1 and n == q_len:
-                layer.forget()  # an empty cache: a new sequence starts
-            elif q_len == 1:
-                layer.stats.add_dense(query.shape[0])
+        if q_len > 1 or module.training:
+            # prefill (or chunked prefill, or training): transformers' SDPA; the method's
+            # metadata is rebuilt from the whole cache at the next decode step
+            layer.forget()
             return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
+        if layer.stats.dense:
+            if self.stats:
+                layer.stats.add_dense(query.shape[0])
+            if mask is None or windowed:
+                # no padding: SDPA with GQA and no mask (flash / cuDNN); a sliding window:
+                # SDPA with transformers' window mask
+                return sdpa_attention_forward(module, query, key, value, mask,
+                                              dropout=dropout, scaling=scaling, **kwargs)
+            # padded or static cache: exact attention over the valid range, no mask built
+            span, _ = self._key_span(module, mask, query.shape[0], n, key.device)
+            if scaling is None:
+                scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+            out = ops.dense_attention(query[:, :, 0], key, value, span, scaling)
+            return out[:, None], None
         return self._sparse_step(layer, module, query, key, value, mask, scaling)
 
     def _sparse_step(self, layer: _Layer, module: nn.Module, query: Tensor, key: Tensor,
@@ -217,61 +235,74 @@ class SparseDecodeHandle:
                      scaling: float | None) -> tuple[Tensor, None]:
         b, _, _, d = query.shape
         n = key.shape[2]
-        span, padded = self._key_span(mask, b, n, key.device)
-        if not layer.built or layer.batch != b or n <= layer.n:
-            # a new sequence (or a cache that was cropped or reordered): rebuild
+        span, padded = self._key_span(module, mask, b, n, key.device)
+        if not layer.built or layer.batch != b or n < layer.n:
+            # a new sequence (or a cache that was cropped or reordered): build from it all
             if padded:
-                _check_left_padded(mask, span)
+                _check_one_block(mask, span)
             layer.state = new_state(self.config, key, span)
             layer.built = True
         elif layer.state is not None:
-            layer.state.extend(key, span)
+            if n > layer.n:  # a growing cache: the appended positions
+                layer.state.extend(key, span)
+            else:  # a static cache: the token written at span.ends - 1
+                layer.state.refresh(key, span)
         layer.n, layer.batch = n, b
         if scaling is None:
             scaling = getattr(module, "scaling", d**-0.5)
         q = query[:, :, 0].contiguous()  # [B, Hq, d]
         out, info = decode_step(q, key, value, self.config, layer.state, span, scaling,
                                 padded=padded, diagnostics=self.diagnostics)
-        layer.stats.add(info)
+        if self.stats:
+            layer.stats.add(info)
         return out[:, None], None
 
-    def _key_span(self, mask: Tensor | None, b: int, n: int,
+    def _key_span(self, module: nn.Module, mask: Tensor | None, b: int, n: int,
                   device: torch.device) -> tuple[KeySpan, bool]:
-        """The valid keys of this step and whether there is padding (once per step)."""
-        key = (b, n, device)
+        """The valid keys of this step and whether any position is masked.
+
+        Computed at the first layer of each decode step (a layer index that does not grow
+        starts a new step) and shared by the others; a mask updated in place between steps
+        is therefore read again.
+        """
+        idx = module.layer_idx
         cached = self._span_key
-        if cached is not None and cached[0] is mask and cached[1:] == key:
+        fresh = (mask, b, n, device)
+        if (cached is not None and idx > cached[0] and cached[1] is mask
+                and cached[2:] == fresh[1:]):
+            self._span_key = (idx, *fresh)
             return self._span  # type: ignore[return-value]
         if mask is None:
             span = (KeySpan.full(b, n, device), False)
         else:
-            starts = _valid_keys(mask, b, n).to(torch.int8).argmax(-1)
-            span = (KeySpan(starts, torch.full_like(starts, n), n), True)
-        self._span_key, self._span = (mask, *key), span
+            valid = _valid_keys(mask, b, n).to(torch.int8)
+            starts = valid.argmax(-1)
+            ends = n - valid.flip(-1).argmax(-1)
+            span = (KeySpan(starts, ends, n), True)
+        self._span_key, self._span = (idx, *fresh), span
         return span
 
 
 def _valid_keys(mask: Tensor, b: int, n: int) -> Tensor:
     """``[B, N]`` bool: the keys the decode query may attend to, from a 4D mask."""
-    row = mask[:, 0, -1, :]
+    row = mask[:, 0, -1, :n]
     if row.dtype != torch.bool:  # an additive float mask: 0 where allowed
         row = row > torch.finfo(row.dtype).min / 2
     return row.expand(b, n)
 
 
-def _check_left_padded(mask: Tensor, span: KeySpan) -> None:
-    """Raise unless every sequence's valid keys are one block ending at the last position.
+def _check_one_block(mask: Tensor, span: KeySpan) -> None:
+    """Raise unless each sequence's valid keys are one block ``[starts, ends)``: left
+    padding before it, the unwritten part of a static cache after it.
 
     One host sync, at the first decode step of each sequence.
     """
     valid = _valid_keys(mask, span.starts.shape[0], span.n)
-    expected = span.positions() >= span.starts[:, None]
-    if not bool((valid == expected).all()):
+    if not bool((valid == span.valid_mask()).all()):
         raise ValueError(
-            "nucleus_attn: the decode attention mask has masked positions after the first "
-            "token of a sequence (right padding, a custom attention mask, or a static / "
-            "pre-allocated KV cache); sparse decode needs left-padded batches "
-            "(tokenizer.padding_side = 'left') and transformers' default dynamic cache"
+            "nucleus_attn: the decode attention mask has masked positions between valid "
+            "keys (right padding or a custom attention mask); sparse decode needs "
+            "left-padded batches (tokenizer.padding_side = 'left')"
         )
 
 
@@ -352,6 +383,7 @@ def enable(
     *,
     dense_layers: int = 2,
     diagnostics: bool = False,
+    stats: bool = True,
     **params: Any,
 ) -> SparseDecodeHandle:
     """Turn sparse decode attention on for a loaded transformers decoder.
@@ -375,6 +407,10 @@ def enable(
         Also measure, at every step, the exact softmax mass of the kept keys per query
         head (reads every key: slow; default False). Kept token counts are always
         recorded.
+    stats : bool
+        Record kept token counts at each step (default True; a few tiny kernels per layer).
+        Turn off for timing, or when steps are captured in a CUDA graph: replays run no
+        Python, so running sums would not accumulate.
     **params
         The method's parameters (e.g. ``p=0.9``, ``base_budget=512``).
 
@@ -403,8 +439,14 @@ def enable(
       the whole cache at the first decode step of a sequence, then extended with each
       appended token. A prefill on an empty cache starts a new sequence; a different
       batch size or a cache that did not grow rebuilds it.
-    - Needs transformers' default dynamic cache and left padding; beam search (which
-      reorders the cache rows behind the attention function) is not supported.
+    - Works with transformers' dynamic cache and with static (pre-allocated) caches, with
+      left padding. In a static cache N is the allocated length: a fractional budget is a
+      fraction of it, so give budgets in tokens there. Each decode step then runs without
+      a host sync and can be captured in a CUDA graph (``stats=False``); host-side
+      decisions (Tactic's re-clustering every ``recluster_every`` tokens) only happen in
+      eager steps, so capture again before that many replays.
+    - Beam search (which reorders the cache rows behind the attention function) is not
+      supported.
 
     Examples
     --------
@@ -418,6 +460,7 @@ def enable(
         raise ValueError(f"dense_layers={dense_layers!r} must be an int >= 0 (the first layers "
                          "kept dense; 2 by default)")
     _check_model(model)
+    check_tensor_parallel(model)
     if model in _ENABLED:
         raise ValueError(
             f"sparse decode is already enabled on this model ({_ENABLED[model].config}); "
@@ -429,8 +472,9 @@ def enable(
                          f"{type(model).__name__}; it is not a supported decoder")
     previous = model.config._attn_implementation or "sdpa"
     config = model.config
-    q_heads = getattr(config, "num_attention_heads", 1)
-    kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
+    ranks = tp_world_size(model)  # under tensor parallelism each rank holds 1/ranks heads
+    q_heads = getattr(config, "num_attention_heads", 1) // ranks
+    kv_heads = (getattr(config, "num_key_value_heads", None) or q_heads * ranks) // ranks
     layers = {
         m.layer_idx: _Layer(LayerStats(m.layer_idx, _layer_kind(model, m, m.layer_idx, cfg,
                                                                  dense_layers),
@@ -444,8 +488,8 @@ def enable(
         model.set_attn_implementation(previous)
         raise ValueError(f"{type(model).__name__} refused the attention implementation "
                          f"{ATTN_NAME!r}; it does not support switching attention at runtime")
-    handle = SparseDecodeHandle(model, cfg, dense_layers, bool(diagnostics), previous, layers,
-                                modules)
+    handle = SparseDecodeHandle(model, cfg, dense_layers, bool(diagnostics), bool(stats),
+                                previous, layers, modules)
     for module in modules:
         _OWNER[module] = handle
     _ENABLED[model] = handle

@@ -4,8 +4,9 @@ A method is a frozen config dataclass plus a ``select`` function mapping
 ``(q, k, state, span, config, scale)`` to a :class:`Selection` (kept positions per KV
 head), and optionally a ``new_state`` function building the per-sequence metadata it
 reads (page bounds, int4 keys, clusters). The state is built from K once and then kept
-up to date with ``state.extend(k, span)`` as tokens are appended; the model integration
-keeps one per layer.
+up to date with ``state.extend(k, span)`` as tokens are appended (a growing cache) or
+``state.refresh(k, span)`` (a static cache, where the newest key sits at ``span.ends - 1``);
+the model integration keeps one per layer.
 
 GQA rule, for every method: one selection per KV head, shared by its query heads. Where
 a method ranks items, the group's per-head scores are turned into log-softmax values and
@@ -35,6 +36,13 @@ class MethodState(Protocol):
 
     def extend(self, k: Tensor, span: KeySpan) -> None:
         """Take in the keys appended since the last call (``k`` is the whole cache)."""
+
+    def refresh(self, k: Tensor, span: KeySpan) -> None:
+        """Take in the key each sequence wrote at ``span.ends - 1`` of a static cache.
+
+        A static (pre-allocated) cache keeps N fixed; the new token's position is a device
+        value, so the update runs without a host sync and can be captured in a CUDA graph.
+        """
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,26 @@ def forced_positions(span: KeySpan, num_kv_heads: int, sink: int, window: int) -
     return span.forced(pos, sink, window)[:, None, :].expand(-1, num_kv_heads, -1)
 
 
+def sink_window_positions(span: KeySpan, n: int, sink: int, window: int,
+                          since: Tensor | None = None, after: int = 0) -> tuple[Tensor, Tensor]:
+    """The sink and the recent window of each sequence as positions, without a pass over N.
+
+    Returns ``[B, F]`` positions, ascending, the first ``count [B]`` live (the rest 0). With
+    ``since`` (``[B]``), every position from ``since`` on also counts as recent (Tactic's
+    tokens appended after clustering, at most ``after`` of them per sequence).
+    """
+    s, e = span.starts, span.ends
+    # the window (and the tokens since `since`) are [a, e); the sink is [s, s + sink)
+    recent = e - window if since is None else torch.minimum(e - window, since)
+    a = torch.maximum(s, recent)
+    n_sink = (torch.minimum(s + sink, a) - s).clamp(min=0)
+    count = n_sink + (e - a)
+    f = max(1, min(n, sink + max(window, after)))
+    j = torch.arange(f, device=s.device)[None, :]
+    pos = torch.where(j < n_sink[:, None], s[:, None] + j, a[:, None] + j - n_sink[:, None])
+    return torch.where(j < count[:, None], pos, torch.zeros_like(pos)), count
+
+
 def valid_positions(span: KeySpan, num_kv_heads: int) -> Tensor:
     """``[B, Hkv, N]`` bool: the valid keys, broadcast over KV heads."""
     return span.valid_mask()[:, None, :].expand(-1, num_kv_heads, -1)
@@ -150,3 +178,12 @@ def grow(buf: Tensor, size: int, dim: int = 2) -> Tensor:
     out = torch.zeros(shape, dtype=buf.dtype, device=buf.device)
     out.narrow(dim, 0, cap).copy_(buf)
     return out
+
+
+
+def last_index(span: KeySpan, heads: int, *trailing: int) -> Tensor:
+    """``[B, heads, 1, *trailing]`` position of each sequence's newest key (``ends - 1``),
+    to ``gather``/``scatter_`` along dim 2 of a ``[B, Hkv, N, ...]`` buffer."""
+    b = span.ends.shape[0]
+    last = (span.ends - 1).view(b, 1, 1, *([1] * len(trailing)))
+    return last.expand(b, heads, 1, *trailing)

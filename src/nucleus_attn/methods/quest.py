@@ -85,6 +85,14 @@ class PageState:
         self.kmax[:, :, first:self.pages] = kmax
         self.n = n
 
+    def refresh(self, k: Tensor, span: KeySpan) -> None:
+        """Recompute the page of each sequence's newest key (static cache)."""
+        kmin, kmax, page = ops.last_page_minmax(k, span, self.page_size)
+        b, h, _, d = kmin.shape
+        idx = page.view(b, 1, 1, 1).expand(b, h, 1, d)
+        self.kmin.scatter_(2, idx, kmin)
+        self.kmax.scatter_(2, idx, kmax)
+
 
 def new_state(k: Tensor, span: KeySpan, cfg: QuestConfig) -> PageState:
     return PageState.build(k, span, cfg.page_size)

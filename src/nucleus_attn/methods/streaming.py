@@ -11,7 +11,6 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .. import ops
 from ..span import KeySpan
 from .base import (
     Budget,
@@ -20,8 +19,8 @@ from .base import (
     Selection,
     check_budget,
     check_int,
-    forced_positions,
     resolve_budget,
+    sink_window_positions,
 )
 
 
@@ -54,8 +53,11 @@ def select(q: Tensor, k: Tensor, state: None, span: KeySpan, cfg: StreamingConfi
     window = resolve_budget(cfg.window, n)
     if cfg.sink + window >= n:
         return Selection.everything(span, hkv)
-    mask = forced_positions(span, hkv, cfg.sink, window)
-    idx, cnt = ops.mask_to_indices(mask, capacity=cfg.sink + window)
+    # two ranges per sequence, written directly (no pass over the N positions)
+    idx, cnt = sink_window_positions(span, n, cfg.sink, window)
+    b = idx.shape[0]
+    idx = idx[:, None, :].expand(b, hkv, -1)
+    cnt = cnt[:, None].expand(b, hkv)
     return Selection(idx, cnt, cnt)
 
 

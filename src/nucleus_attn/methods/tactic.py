@@ -40,6 +40,8 @@ from .base import (
     check_p,
     check_sink_window,
     grow,
+    last_index,
+    sink_window_positions,
 )
 
 EULER_GAMMA = 0.5772156649015329
@@ -106,7 +108,11 @@ class ClusterState:
     """One layer's clusters: centroids ``[B, Hkv, C, d]`` (in the keys' dtype), labels
     ``[B, Hkv, N]`` (-1 = padding or appended after clustering), sizes ``[B, Hkv, C]``, and
     the members of each cluster: ``members [B, Hkv, L]`` int32 positions grouped by
-    cluster, the cluster ``c`` at ``offsets[c] : offsets[c] + sizes[c]``."""
+    cluster, the cluster ``c`` at ``offsets[c] : offsets[c] + sizes[c]``.
+
+    In a growing cache the positions ``[clustered, n)`` are the tokens appended since
+    clustering. In a static cache N stays fixed: ``ends`` (``[B]``, each sequence's end at
+    clustering) marks where the appended tokens start, and ``appended`` counts them."""
 
     cfg: TacticConfig
     centroids: Tensor
@@ -117,6 +123,8 @@ class ClusterState:
     members: Tensor
     offsets: Tensor
     max_size: int  # largest cluster (bounds the number of exactly scored tokens)
+    ends: Tensor  # [B] span ends at clustering
+    appended: int = 0  # tokens written into a static cache since clustering
 
     @staticmethod
     def build(k: Tensor, span: KeySpan, cfg: TacticConfig) -> ClusterState:
@@ -128,42 +136,45 @@ class ClusterState:
         offsets = torch.cumsum(sizes, -1) - sizes
         max_size = int(sizes.max()) if sizes.numel() else 0  # one host sync, at prefill
         return ClusterState(cfg, cents.to(k.dtype), labels, sizes, k.shape[2], k.shape[2],
-                            members, offsets, max_size)
+                            members, offsets, max_size, span.ends.clone())
+
+    def _recluster(self, k: Tensor, span: KeySpan) -> None:
+        fresh = ClusterState.build(k, span, self.cfg)
+        for name in ("centroids", "labels", "sizes", "members", "offsets", "max_size", "ends"):
+            setattr(self, name, getattr(fresh, name))
+        self.clustered, self.appended = k.shape[2], 0
 
     def extend(self, k: Tensor, span: KeySpan) -> None:
         n = k.shape[2]
         if n <= self.n:
             return
         if n - self.clustered >= self.cfg.recluster_every:
-            fresh = ClusterState.build(k, span, self.cfg)
-            self.centroids, self.labels, self.sizes = fresh.centroids, fresh.labels, fresh.sizes
-            self.members, self.offsets, self.max_size = (fresh.members, fresh.offsets,
-                                                         fresh.max_size)
-            self.clustered = n
+            self._recluster(k, span)
         else:
             self.labels = grow(self.labels, n)
             self.labels[:, :, self.n:n] = -1
         self.n = n
 
+    def refresh(self, k: Tensor, span: KeySpan) -> None:
+        """Mark each sequence's newest key as unclustered (attended exactly); cluster again
+        after ``recluster_every`` of them (a host-side count: under CUDA-graph replay, which
+        runs no Python, capture again before that many steps)."""
+        self.appended += 1
+        if self.appended >= self.cfg.recluster_every:
+            self._recluster(k, span)
+            return
+        h = self.labels.shape[1]
+        self.labels.scatter_(2, last_index(span, h), -1)
+
+    def unclustered(self) -> int:
+        """A bound on the tokens appended since clustering, per sequence: exact in a growing
+        cache; in a static cache the most there can be before re-clustering, so that a
+        captured step stays valid on replay."""
+        return self.cfg.recluster_every if self.appended else self.n - self.clustered
+
 
 def new_state(k: Tensor, span: KeySpan, cfg: TacticConfig) -> ClusterState:
     return ClusterState.build(k, span, cfg)
-
-
-def fixed_tokens(span: KeySpan, clustered: int, n: int, sink: int,
-                 window: int) -> tuple[Tensor, Tensor]:
-    """Positions always attended, ``[B, F]`` (first ``count`` live) and ``count [B]``: the
-    sink, the recent window and the tokens appended since clustering (two ranges, so no
-    per-token mask is built)."""
-    s, e = span.starts, span.ends
-    # the window and the appended tokens together are [a, e); the sink is [s, s + sink)
-    a = torch.maximum(s, torch.minimum(e - window, torch.full_like(e, clustered)))
-    n_sink = (torch.minimum(s + sink, a) - s).clamp(min=0)
-    count = n_sink + (e - a)
-    f = max(1, min(n, sink + max(window, n - clustered)))
-    j = torch.arange(f, device=s.device)[None, :]
-    pos = torch.where(j < n_sink[:, None], s[:, None] + j, a[:, None] + j - n_sink[:, None])
-    return torch.where(j < count[:, None], pos, torch.zeros_like(pos)), count
 
 
 def harmonic(x: Tensor) -> Tensor:
@@ -220,7 +231,8 @@ def select(q: Tensor, k: Tensor, state: ClusterState, span: KeySpan, cfg: Tactic
     cap = min(n, math.ceil(cfg.exact_fraction * n) + 2 * cfg.sample_tokens
               + 5 * state.max_size + 1)
     tok, tcnt, trank = ops.cluster_tokens(order, take, state.offsets, state.members, cap)
-    fixed, fcnt = fixed_tokens(span, state.clustered, n, cfg.sink, cfg.window)
+    fixed, fcnt = sink_window_positions(span, n, cfg.sink, cfg.window, state.ends,
+                                        state.unclustered())
     fixed = fixed[:, None, :].expand(b, hkv, -1)
     fcnt = fcnt[:, None].expand(b, hkv)
     lt = ops.gathered_scores(q, k, tok, tcnt, scale)  # [B, Hq, S]

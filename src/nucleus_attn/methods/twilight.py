@@ -27,6 +27,7 @@ from .base import (
     check_p,
     check_sink_window,
     grow,
+    last_index,
     resolve_budget,
     valid_positions,
 )
@@ -99,6 +100,14 @@ class Int4Keys:
         self.zero[:, :, self.n:n] = zero
         self.n = n
 
+    def refresh(self, k: Tensor, span: KeySpan) -> None:
+        """Quantize each sequence's newest key in place (static cache)."""
+        b, h, _, d = k.shape
+        codes, scale, zero = ops.quantize_int4(k.gather(2, last_index(span, h, d)))
+        self.codes.scatter_(2, last_index(span, h, codes.shape[-1]), codes)
+        self.scale.scatter_(2, last_index(span, h), scale)
+        self.zero.scatter_(2, last_index(span, h), zero)
+
 
 @dataclass
 class TwilightState:
@@ -111,6 +120,11 @@ class TwilightState:
         if self.pages is not None:
             self.pages.extend(k, span)
         self.keys.extend(k, span)
+
+    def refresh(self, k: Tensor, span: KeySpan) -> None:
+        if self.pages is not None:
+            self.pages.refresh(k, span)
+        self.keys.refresh(k, span)
 
 
 def new_state(k: Tensor, span: KeySpan, cfg: TwilightConfig) -> TwilightState:

@@ -8,7 +8,14 @@ backend can call the ops unchanged.
 
 from .attention import dense_attention, gathered_scores, sparse_attention
 from .clusters import assign_nearest, centroid_scores, cluster_tokens, kmeans
-from .pages import page_minmax, page_scores, page_valid, pages_to_tokens, topk_pages
+from .pages import (
+    last_page_minmax,
+    page_minmax,
+    page_scores,
+    page_valid,
+    pages_to_tokens,
+    topk_pages,
+)
 from .quant import dequantize_int4, int4_scores, quantize_int4
 from .select import (
     compact,
@@ -33,6 +40,7 @@ __all__ = [
     "keep_best",
     "kmeans",
     "mask_to_indices",
+    "last_page_minmax",
     "page_minmax",
     "page_scores",
     "page_valid",

@@ -38,9 +38,14 @@ def _gather_rows(x: Tensor, indices: Tensor) -> Tensor:
 # --- dense -------------------------------------------------------------------------------
 
 def dense_attention(
-    q: Tensor, k: Tensor, v: Tensor, span: KeySpan | None, scale: float
+    q: Tensor, k: Tensor, v: Tensor, span: KeySpan | None, scale: float, *,
+    impl: str = "auto",
 ) -> Tensor:
-    """Exact decode attention over every valid key (torch SDPA, GQA without repeating KV).
+    """Exact decode attention over every valid key, GQA without repeating KV heads.
+
+    Without a span: torch SDPA with no mask (flash / cuDNN on a GPU, the fastest dense
+    path). With a span: on CUDA the Triton range kernel (:func:`dense_attention_triton`),
+    elsewhere SDPA with the span's mask.
 
     Parameters
     ----------
@@ -58,6 +63,8 @@ def dense_attention(
     Tensor
         ``[B, Hq, d]`` in q's dtype.
     """
+    if span is not None and use_triton(impl, q, k, v):
+        return dense_attention_triton(q, k, v, span, scale)
     mask = None if span is None else span.valid_mask()[:, None, None, :]
     gqa = q.shape[1] != k.shape[1]
     out = F.scaled_dot_product_attention(
@@ -193,16 +200,23 @@ def _sparse_attention_split_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ib, stride_ih, HKV, M, D, SPLITS, qk_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, CONTIG: tl.constexpr,
 ):
     # one program per (sequence, KV head, split): online softmax over its share of the
     # head's kept list for all the group's query heads at once (each K/V row read once);
-    # the share is a multiple of BLOCK_N so that ragged counts only leave splits empty
+    # the share is a multiple of BLOCK_N so that ragged counts only leave splits empty.
+    # CONTIG (dense decode over a key span): idx_ptr holds each sequence's first valid
+    # position and counts_ptr its number of valid keys; the positions are a range
     row = tl.program_id(0)
     sp = tl.program_id(1)
     b = row // HKV
     h = row % HKV
-    cnt = tl.minimum(tl.load(counts_ptr + row), M).to(tl.int32)
+    if CONTIG:
+        cnt = tl.load(counts_ptr + b).to(tl.int32)
+        first = tl.load(idx_ptr + b).to(tl.int64)
+    else:
+        cnt = tl.minimum(tl.load(counts_ptr + row), M).to(tl.int32)
+        first = 0
     per = tl.cdiv(tl.cdiv(cnt, SPLITS), BLOCK_N) * BLOCK_N
     start = sp * per
     end = tl.minimum(cnt, start + per)
@@ -222,7 +236,10 @@ def _sparse_attention_split_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     n0 = start
     offs = n0 + tl.arange(0, BLOCK_N)
-    idx = tl.load(ibase + offs, mask=offs < end, other=0).to(tl.int64)
+    if CONTIG:  # noqa: SIM108 (a constexpr branch: the other side is never compiled)
+        idx = first + offs
+    else:
+        idx = tl.load(ibase + offs, mask=offs < end, other=0).to(tl.int64)
     while n0 < end:  # (a while loop: the 3.6 interpreter cannot run range(runtime int))
         mn = offs < end
         mkv = mn[:, None] & md[None, :]
@@ -230,7 +247,10 @@ def _sparse_attention_split_kernel(
         vt = tl.load(vbase + idx[:, None] * stride_vn + offs_d[None, :], mask=mkv, other=0.0)
         # the next tile's positions load while this tile's rows are in flight
         offs_next = offs + BLOCK_N
-        idx = tl.load(ibase + offs_next, mask=offs_next < end, other=0).to(tl.int64)
+        if CONTIG:  # noqa: SIM108
+            idx = first + offs_next
+        else:
+            idx = tl.load(ibase + offs_next, mask=offs_next < end, other=0).to(tl.int64)
         if DOT_F32:
             s = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision="ieee")
         else:
@@ -314,13 +334,49 @@ def sparse_attention_triton(
         *row_strides(k), *row_strides(v), indices.stride(0), indices.stride(1),
         hkv, m, d, splits, float(scale) * LOG2E,
         GROUP=g, BLOCK_G=dot_block(g), BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_F32=f32, num_warps=SPLIT_WARPS if not f32 else 8,
+        DOT_F32=f32, CONTIG=False, num_warps=SPLIT_WARPS if not f32 else 8,
     )
-    _sparse_attention_merge_kernel[(b * hq,)](
+    return _merge(o_part, m_part, l_part, out, splits)
+
+
+def _merge(o_part: Tensor, m_part: Tensor, l_part: Tensor, out: Tensor, splits: int) -> Tensor:
+    d = out.shape[-1]
+    _sparse_attention_merge_kernel[(o_part.shape[0],)](
         o_part, m_part, l_part, out, d, splits,
         BLOCK_S=next_pow2(splits), BLOCK_D=next_pow2(d), num_warps=4,
     )
     return out
+
+
+# dense decode over a span reads contiguous rows: larger tiles than the gathered kernel
+DENSE_BLOCK_N = 64
+
+
+def dense_attention_triton(q: Tensor, k: Tensor, v: Tensor, span: KeySpan, scale: float) -> Tensor:
+    """Triton flash-decoding over each sequence's valid range ``[starts, ends)``: exact
+    dense decode for padded or pre-allocated (static) caches without building a mask or
+    repeating KV heads, and free of host syncs (the range is read on the device)."""
+    q, k, v = last_dim_dense(q), last_dim_dense(k), last_dim_dense(v)
+    b, hq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+    starts = span.starts.contiguous()
+    lengths = span.lengths.contiguous()
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    block_d = max(16, next_pow2(d))
+    f32 = dot_in_f32(q, k, v)
+    block_n = DENSE_BLOCK_N if block_d <= 128 and not f32 else 32
+    splits = attention_splits(b * hkv, n, block_n, q.device)
+    o_part = torch.empty(b * hq, splits, d, dtype=torch.float32, device=q.device)
+    m_part = torch.empty(b * hq, splits, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    _sparse_attention_split_kernel[(b * hkv, splits)](
+        q, k, v, starts, lengths, o_part, m_part, l_part, q.stride(0), q.stride(1),
+        *row_strides(k), *row_strides(v), 0, 0, hkv, n, d, splits, float(scale) * LOG2E,
+        GROUP=g, BLOCK_G=dot_block(g), BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_F32=f32, CONTIG=True, num_warps=SPLIT_WARPS if not f32 else 8,
+    )
+    return _merge(o_part, m_part, l_part, out, splits)
 
 
 def sparse_attention(

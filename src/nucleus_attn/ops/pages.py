@@ -144,6 +144,33 @@ def page_minmax(
     return page_minmax_reference(k, span, page_size, first_page)
 
 
+def last_page_minmax(k: Tensor, span: KeySpan, page_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bounds of the page holding each sequence's last valid key, read on the device.
+
+    The update of a static (pre-allocated) cache, whose newest token sits at
+    ``span.ends - 1``: N does not change, so the page to recompute is a device value and
+    the update needs no host sync (CUDA-graph safe). Plain torch: it reads one page.
+
+    Returns
+    -------
+    kmin, kmax : Tensor
+        ``[B, Hkv, 1, d]`` in k's dtype, over the page's valid keys.
+    page : Tensor
+        ``[B]`` int64 page index.
+    """
+    b, h, n, d = k.shape
+    last = span.ends - 1
+    page = torch.div(last, page_size, rounding_mode="floor")
+    pos = page[:, None] * page_size + torch.arange(page_size, device=k.device)  # [B, ps]
+    valid = (pos >= span.starts[:, None]) & (pos <= last[:, None])
+    rows = k.gather(2, pos.clamp(max=n - 1)[:, None, :, None].expand(b, h, page_size, d))
+    valid = valid[:, None, :, None]
+    inf = torch.full((), float("inf"), dtype=k.dtype, device=k.device)  # no host copy
+    kmin = torch.where(valid, rows, inf).amin(2, keepdim=True)
+    kmax = torch.where(valid, rows, -inf).amax(2, keepdim=True)
+    return kmin, kmax, page
+
+
 # --- page scores -------------------------------------------------------------------------
 
 def page_scores_reference(
