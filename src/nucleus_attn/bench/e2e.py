@@ -443,33 +443,41 @@ def print_table(rows: list[dict], meta: dict) -> None:
 
 
 def plot(rows: list[dict], path: str, meta: dict) -> None:
-    """Speed-up against our dense step vs context length, one line per row label (batch 1
-    and the largest batch that ran at every context), with the Amdahl bound dashed."""
+    """Speed-up against our dense step vs context length, one panel per batch: a colour
+    per method, a line style per kept fraction, the Amdahl bound dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = {"stock": "tab:grey", "quest": "tab:blue", "twilight": "tab:green",
+               "tactic": "tab:red", "streaming": "tab:purple"}
+    targets = sorted({r["target"] for r in rows if r["kind"] == "method"})
+    styles = dict(zip(targets, ["o-", "s--", "^:", "d-."], strict=False))
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.0 * len(batches), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.6 * len(batches) + 2.2, 3.8),
+                             squeeze=False)
     for ax, b in zip(axes[0], batches, strict=True):
         sub = [r for r in rows if r["batch"] == b]
-        labels = dict.fromkeys(r["label"] for r in sub if r["kind"] in ("method", "stock"))
-        for label in labels:
+        for label in dict.fromkeys(r["label"] for r in sub if r["kind"] in ("method", "stock")):
+            first = next(r for r in sub if r["label"] == label)
+            name = "stock" if first["kind"] == "stock" else first["spec"].split(":")[0]
+            style = "x-" if name == "stock" else styles.get(first["target"], "o-")
             pts = sorted((r["n"], r["speedup"]) for r in sub if r["label"] == label)
-            ax.plot(*zip(*pts, strict=True), "o-" if label != "stock sdpa" else "x--",
-                    label=label, lw=1.2, ms=4)
+            ax.plot(*zip(*pts, strict=True), style, color=colours.get(name, "black"),
+                    label=label, lw=1.1, ms=4)
         bound = sorted({(r["n"], r["amdahl_bound"]) for r in sub})
-        ax.plot(*zip(*bound, strict=True), "k:", label="Amdahl bound")
+        ax.plot(*zip(*bound, strict=True), "k:", lw=1.5, label="Amdahl bound")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length")
         ax.set_title(f"batch {b}")
     axes[0][0].set_ylabel("per-token speed-up vs our dense")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"end-to-end decode, {meta['gpu']}, Llama-3-8B shape"
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.suptitle(f"end-to-end decode, {meta['gpu']}, Llama-3-8B shape (random weights)"
                  if meta["device"] == "cuda" else "end-to-end decode (CPU smoke)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (4.6 * len(batches) + 2.2), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .stats import format_budget, print_summary
+from .tp import check_tensor_parallel, load_tensor_parallel, tp_world_size
 
 _FROM_HF = ("enable", "SparseDecodeHandle", "SUPPORTED_MODEL_TYPES")
 
@@ -21,4 +22,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [*_FROM_HF, "format_budget", "print_summary"]
+__all__ = [*_FROM_HF, "check_tensor_parallel", "format_budget", "load_tensor_parallel",
+           "print_summary", "tp_world_size"]

@@ -405,8 +405,8 @@ def enable(
         The first layers that stay dense (default 2, as in Quest and Twilight).
     diagnostics : bool
         Also measure, at every step, the exact softmax mass of the kept keys per query
-        head (reads every key: slow; default False). Kept token counts are always
-        recorded.
+        head (reads every key: slow; default False). Kept token counts are recorded
+        whenever ``stats`` is on.
     stats : bool
         Record kept token counts at each step (default True; a few tiny kernels per layer).
         Turn off for timing, or when steps are captured in a CUDA graph: replays run no
@@ -436,9 +436,9 @@ def enable(
       as dense in the statistics. A Mistral config with ``sliding_window`` set thus runs
       every layer dense.
     - The method's metadata (page bounds, 4-bit keys, clusters) is built per layer from
-      the whole cache at the first decode step of a sequence, then extended with each
-      appended token. A prefill on an empty cache starts a new sequence; a different
-      batch size or a cache that did not grow rebuilds it.
+      the whole cache at the first decode step after a prefill, then updated with each
+      appended token. Every prefill (``q_len > 1``) starts over; a different batch size
+      or a cache that shrank rebuilds it.
     - Works with transformers' dynamic cache and with static (pre-allocated) caches, with
       left padding. In a static cache N is the allocated length: a fractional budget is a
       fraction of it, so give budgets in tokens there. Each decode step then runs without

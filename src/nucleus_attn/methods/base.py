@@ -180,7 +180,6 @@ def grow(buf: Tensor, size: int, dim: int = 2) -> Tensor:
     return out
 
 
-
 def last_index(span: KeySpan, heads: int, *trailing: int) -> Tensor:
     """``[B, heads, 1, *trailing]`` position of each sequence's newest key (``ends - 1``),
     to ``gather``/``scatter_`` along dim 2 of a ``[B, Hkv, N, ...]`` buffer."""
