@@ -349,7 +349,9 @@ def _merge(o_part: Tensor, m_part: Tensor, l_part: Tensor, out: Tensor, splits: 
 
 
 # dense decode over a span reads contiguous rows: larger tiles than the gathered kernel
-DENSE_BLOCK_N = 64
+# (H200, N=128k, bf16, d=128: 128 rows a tile reach 3.6-3.9 TB/s, 64 rows 2.7-3.6;
+# scripts/tune_decode_kernels.py)
+DENSE_BLOCK_N = 128
 
 
 def dense_attention_triton(q: Tensor, k: Tensor, v: Tensor, span: KeySpan, scale: float) -> Tensor:

@@ -448,7 +448,9 @@ def topk_pages_triton(
     offs = torch.empty(b, hkv, cap, dtype=torch.int64, device=dev)
     counts = torch.empty(b, hkv, dtype=torch.int64, device=dev)
     indices = torch.empty(b, hkv, cap * page_size, dtype=torch.int64, device=dev)
-    warps = max(4, min(16, block_p // 512))
+    # one warp per 512 pages of the row (H200, 8192 pages: 16 warps 48 us, 4 warps 180 us;
+    # a 16384-page row spills at 16: scripts/tune_decode_kernels.py)
+    warps = max(4, min(32, block_p // 512))
     _topk_pages_kernel[(b * hkv,)](
         bounds, span.starts, span.ends, pages, offs, counts, hkv, p, min(k, p), cap,
         float(scale), sink, window, GROUP=hq // hkv, PAGE=page_size, BLOCK_P=block_p,
