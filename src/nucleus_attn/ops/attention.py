@@ -316,36 +316,9 @@ def sparse_attention_triton(
 ) -> Tensor:
     """Triton version of :func:`sparse_attention_reference` (flash-decoding: the kept list
     of each KV head is split over several programs, then the partial softmaxes merge)."""
-    q, k, v = last_dim_dense(q), last_dim_dense(k), last_dim_dense(v)
     indices, counts = last_dim_dense(indices), counts.contiguous()
-    b, hq, d = q.shape
-    hkv, m = indices.shape[1], indices.shape[2]
-    g = hq // hkv
-    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    block_d = max(16, next_pow2(d))
-    f32 = dot_in_f32(q, k, v)
-    block_n = BLOCK_N if block_d <= 128 and not f32 else 32
-    splits = attention_splits(b * hkv, m, block_n, q.device)
-    o_part = torch.empty(b * hq, splits, d, dtype=torch.float32, device=q.device)
-    m_part = torch.empty(b * hq, splits, dtype=torch.float32, device=q.device)
-    l_part = torch.empty_like(m_part)
-    _sparse_attention_split_kernel[(b * hkv, splits)](
-        q, k, v, indices, counts, o_part, m_part, l_part, q.stride(0), q.stride(1),
-        *row_strides(k), *row_strides(v), indices.stride(0), indices.stride(1),
-        hkv, m, d, splits, float(scale) * LOG2E,
-        GROUP=g, BLOCK_G=dot_block(g), BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_F32=f32, CONTIG=False, num_warps=SPLIT_WARPS if not f32 else 8,
-    )
-    return _merge(o_part, m_part, l_part, out, splits)
-
-
-def _merge(o_part: Tensor, m_part: Tensor, l_part: Tensor, out: Tensor, splits: int) -> Tensor:
-    d = out.shape[-1]
-    _sparse_attention_merge_kernel[(o_part.shape[0],)](
-        o_part, m_part, l_part, out, d, splits,
-        BLOCK_S=next_pow2(splits), BLOCK_D=next_pow2(d), num_warps=4,
-    )
-    return out
+    return _split_and_merge(q, k, v, indices, counts, indices.shape[2], scale,
+                            (indices.stride(0), indices.stride(1)), BLOCK_N, contig=False)
 
 
 # dense decode over a span reads contiguous rows: larger tiles than the gathered kernel
@@ -358,27 +331,39 @@ def dense_attention_triton(q: Tensor, k: Tensor, v: Tensor, span: KeySpan, scale
     """Triton flash-decoding over each sequence's valid range ``[starts, ends)``: exact
     dense decode for padded or pre-allocated (static) caches without building a mask or
     repeating KV heads, and free of host syncs (the range is read on the device)."""
+    return _split_and_merge(q, k, v, span.starts.contiguous(), span.lengths.contiguous(),
+                            k.shape[2], scale, (0, 0), DENSE_BLOCK_N, contig=True)
+
+
+def _split_and_merge(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, counts: Tensor, m: int,
+                     scale: float, idx_strides: tuple[int, int], block_n: int,
+                     contig: bool) -> Tensor:
+    """Launch the split kernel over ``m`` positions per KV head (a kept list, or with
+    ``contig`` each sequence's range: ``idx`` its starts, ``counts`` its lengths), then
+    merge the splits' partial softmaxes."""
     q, k, v = last_dim_dense(q), last_dim_dense(k), last_dim_dense(v)
     b, hq, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     g = hq // hkv
-    starts = span.starts.contiguous()
-    lengths = span.lengths.contiguous()
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     block_d = max(16, next_pow2(d))
     f32 = dot_in_f32(q, k, v)
-    block_n = DENSE_BLOCK_N if block_d <= 128 and not f32 else 32
-    splits = attention_splits(b * hkv, n, block_n, q.device)
+    block_n = block_n if block_d <= 128 and not f32 else 32
+    splits = attention_splits(b * hkv, m, block_n, q.device)
     o_part = torch.empty(b * hq, splits, d, dtype=torch.float32, device=q.device)
     m_part = torch.empty(b * hq, splits, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     _sparse_attention_split_kernel[(b * hkv, splits)](
-        q, k, v, starts, lengths, o_part, m_part, l_part, q.stride(0), q.stride(1),
-        *row_strides(k), *row_strides(v), 0, 0, hkv, n, d, splits, float(scale) * LOG2E,
-        GROUP=g, BLOCK_G=dot_block(g), BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_F32=f32, CONTIG=True, num_warps=SPLIT_WARPS if not f32 else 8,
+        q, k, v, idx, counts, o_part, m_part, l_part, q.stride(0), q.stride(1),
+        *row_strides(k), *row_strides(v), *idx_strides, hkv, m, d, splits,
+        float(scale) * LOG2E, GROUP=g, BLOCK_G=dot_block(g), BLOCK_N=block_n,
+        BLOCK_D=block_d, DOT_F32=f32, CONTIG=contig, num_warps=SPLIT_WARPS if not f32 else 8,
     )
-    return _merge(o_part, m_part, l_part, out, splits)
+    _sparse_attention_merge_kernel[(b * hq,)](
+        o_part, m_part, l_part, out, d, splits,
+        BLOCK_S=next_pow2(splits), BLOCK_D=next_pow2(d), num_warps=4,
+    )
+    return out
 
 
 def sparse_attention(
