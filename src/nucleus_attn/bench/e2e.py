@@ -27,8 +27,6 @@ the bandwidth measured in the same run.
 from __future__ import annotations
 
 import inspect
-import json
-import math
 import os
 import platform
 import time
@@ -41,7 +39,8 @@ from torch import Tensor
 
 from ..memory import memory_table
 from ..methods import MethodConfig, parse_method
-from .kernels import Shape, bandwidths, floor_bytes, gpu_label
+from ..methods.base import resolve_budget
+from .kernels import Shape, bandwidths, floor_bytes, gpu_label, kernel_times, write_results
 
 #: Llama-3-8B's architecture (the weights are random).
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -284,8 +283,6 @@ def run_row(model: Any, loop: DecodeLoop, row: Row, steps: int, graphs: bool) ->
 def profile_rows(model: Any, n: int, b: int, rows: list[Row], top: int = 12) -> list[dict]:
     """GPU kernel time of one eager decode step per row (torch profiler), grouped by
     kernel name: where the time of a step goes."""
-    from torch.profiler import ProfilerActivity, profile
-
     import nucleus_attn as na
 
     loop = DecodeLoop(model, b, n, 8, 0)
@@ -298,24 +295,12 @@ def profile_rows(model: Any, n: int, b: int, rows: list[Row], top: int = 12) -> 
         elif row.kind != "stock":
             handle = na.enable(model, row.config, dense_layers=DENSE_LAYERS, stats=False)
         try:
-            loop.step()
-            loop.step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                loop.step()
-                torch.cuda.synchronize()
+            loop.step()  # builds the method's metadata; kernel_times warms up once more
+            total, kernels, _ = kernel_times(loop.step, top)
         finally:
             if handle is not None:
                 handle.disable()
             model.set_attn_implementation("sdpa")
-
-        def gpu_us(e: Any) -> float:
-            return float(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)))
-
-        events = sorted(prof.key_averages(), key=lambda e: -gpu_us(e))
-        total = sum(gpu_us(e) for e in events)
-        kernels = [{"kernel": e.key[:120], "us": gpu_us(e), "calls": e.count}
-                   for e in events[:top]]
         out.append({"n": n, "batch": b, "label": row.label, "total_us": total,
                     "kernels": kernels})
         print(f"kernels of one eager step, N={n} B={b}, {row.label}: {total / 1e3:.2f} ms GPU")
@@ -350,16 +335,12 @@ def step_floor_bytes(row: dict, model: Any, b: int, n: int) -> float:
     if name == "streaming":
         per_layer = kept * 2 * shape.d * shape.es
     elif name == "twilight":
-        cand = resolve_tokens(spec.base_budget, n) * b * shape.hkv
+        cand = resolve_budget(spec.base_budget, n) * b * shape.hkv
         per_layer = floor_bytes("twilight", b, n, shape, kept, spec, cand)
     else:
         per_layer = floor_bytes(name, b, n, shape, kept, spec)
     sparse = layers - DENSE_LAYERS
     return base + DENSE_LAYERS * dense_kv + sparse * per_layer
-
-
-def resolve_tokens(budget: float | int, n: int) -> int:
-    return max(1, math.ceil(budget * n)) if isinstance(budget, float) else int(budget)
 
 
 # --- one point, the report --------------------------------------------------------------------
@@ -536,8 +517,7 @@ def main(out: str = "results", quick: bool = False, ns: list[int] | None = None,
             continue
         rows += bench_point(model, n, b, fractions, methods, steps, bw, graphs, seed,
                             lambda s: bar.set_postfix_str(s))
-        with open(stem + ".json", "w") as f:  # after every point: partial runs count
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_results(stem, meta, rows)  # after every point: partial runs count
         if graphs:
             torch.cuda.empty_cache()
     rows.sort(key=lambda r: (r["n"], r["batch"]))
@@ -547,12 +527,6 @@ def main(out: str = "results", quick: bool = False, ns: list[int] | None = None,
         prof_rows = [Row("dense", "dense"), Row("no-attn", "no-attn")]
         prof_rows += [r for r in method_rows(n, fractions[:1], methods)]
         meta["profile"] = profile_rows(model, n, b, prof_rows)
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    try:
-        plot(rows, stem + ".png", meta)
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'nucleus-attn[plot]')")
-    print(f"wrote {stem}.json and {stem}.png")
+    write_results(stem, meta, rows, plot)
     return 0
 

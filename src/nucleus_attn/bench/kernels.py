@@ -361,8 +361,10 @@ def profile_point(n: int, b: int, shape: Shape, bw: float, seed: int,
     return out
 
 
-def kernel_breakdown(label: str, fn: Callable[[], Any], top: int = 14) -> None:
-    """Print the GPU kernels of one eager call by total time (torch.profiler)."""
+def kernel_times(fn: Callable[[], Any], top: int) -> tuple[float, list[dict], int]:
+    """GPU time of one eager call of ``fn`` (after a warm-up call), by kernel name
+    (torch.profiler): the total in us, the ``top`` kernels (longest first) and how many
+    kernel kinds ran."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -370,14 +372,38 @@ def kernel_breakdown(label: str, fn: Callable[[], Any], top: int = 14) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    print(f"kernels of one {label} step (eager, us):")
+
     def gpu_us(e: Any) -> float:
         return float(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)))
 
     events = sorted(prof.key_averages(), key=lambda e: -gpu_us(e))
-    print(f"  total {sum(gpu_us(e) for e in events):.1f} us in {len(events)} kernel kinds")
-    for e in events[:top]:
-        print(f"  {gpu_us(e):9.1f}  x{e.count:<3d} {e.key[:90]}")
+    kernels = [{"kernel": e.key[:120], "us": gpu_us(e), "calls": e.count} for e in events[:top]]
+    return sum(gpu_us(e) for e in events), kernels, len(events)
+
+
+def kernel_breakdown(label: str, fn: Callable[[], Any], top: int = 14) -> None:
+    """Print the GPU kernels of one eager call by total time (torch.profiler)."""
+    total, kernels, kinds = kernel_times(fn, top)
+    print(f"kernels of one {label} step (eager, us):")
+    print(f"  total {total:.1f} us in {kinds} kernel kinds")
+    for k in kernels:
+        print(f"  {k['us']:9.1f}  x{k['calls']:<3d} {k['kernel'][:90]}")
+
+
+def write_results(stem: str, meta: dict, rows: list[dict],
+                  plot: Callable[[list[dict], str, dict], None] | None = None) -> None:
+    """``<stem>.json`` with the meta and the rows; with ``plot``, also ``<stem>.png``."""
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if plot is None:
+        return
+    try:
+        plot(rows, stem + ".png", meta)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'nucleus-attn[plot]')")
+        print(f"wrote {stem}.json")
+        return
+    print(f"wrote {stem}.json and {stem}.png")
 
 
 def fits(n: int, b: int, shape: Shape, device: torch.device) -> bool:
@@ -524,23 +550,15 @@ def main(out: str = "results", quick: bool = False, ns: list[int] | None = None,
             rows += bench_point(n, b, shape, fractions, bw, seed, device, quick, log,
                                 tuple(methods or ROW_METHODS))
             add_ratios(rows)
-            with open(stem + ".json", "w") as f:  # after every point: partial runs count
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            write_results(stem, meta, rows)  # after every point: partial runs count
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     rows.sort(key=lambda r: (r["n"], r["batch"]))
     print_table(rows, meta)
     if profile is not None:  # last: a stage that fails cannot cost the rows above
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_results(stem, meta, rows)
         meta["profile"] = profile_point(profile[0], profile[1], shape, bw, seed, device, quick,
                                         "tactic" in (methods or ROW_METHODS))
         print_profile(meta["profile"])
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    try:
-        plot(rows, stem + ".png", meta)
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'nucleus-attn[plot]')")
-    print(f"wrote {stem}.json and {stem}.png")
+    write_results(stem, meta, rows, plot)
     return 0
