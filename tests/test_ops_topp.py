@@ -40,3 +40,55 @@ def test_topp_select_streaming_rows(monkeypatch, forced, p):
     monkeypatch.setattr(topp, "CHUNK", 128)
     monkeypatch.setattr(topp, "SURVIVORS", 64)
     check_topp_select("cpu", 2, 1, 2, 1000, p, forced, seed=11)
+
+
+@pytest.mark.parametrize(("hkv", "group", "n"), [(1, 1, 17), (2, 3, 300), (1, 8, 1000)])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_range_mode_equals_index_list(hkv, group, n, impl):
+    # range mode (every valid position a candidate, no index list) is the index-list path
+    # over the valid positions: same estimated logits there, same kept sets
+    import torch
+    from ops_helpers import gen, random_span
+
+    from nucleus_attn import ops
+
+    g = gen(n + group)
+    b, d = 3, 64
+    span = random_span(b, n, g, "cpu", ragged=True)
+    k = torch.randn(b, hkv, n, d, generator=g)
+    q = torch.randn(b, hkv * group, d, generator=g) * 3
+    codes, scale, zero = ops.quantize_int4(k, impl="torch")
+    est, stats = ops.int4_scores_range(q, codes, scale, zero, span, 0.125, stats=True,
+                                       impl=impl)
+    assert est.shape == (b, hkv * group, n)
+    valid = span.valid_mask()[:, None, :].expand(b, hkv * group, n)
+    assert torch.isinf(est[~valid]).all() and torch.isfinite(est[valid]).all()
+    cand, ccnt = ops.mask_to_indices(span.valid_mask()[:, None, :].expand(b, hkv, n))
+    ref = ops.int4_scores(q, codes, scale, zero, cand, ccnt, 0.125, impl="torch")
+    live = torch.arange(n) < ccnt.repeat_interleave(group, 1)[..., None]
+    got = est.gather(-1, cand.repeat_interleave(group, 1))
+    torch.testing.assert_close(got[live], ref[live], rtol=1e-5, atol=1e-5)
+    for p in (0.5, 0.9):
+        kept, kcnt = ops.topp_select_range(est, span, hkv, p, sink=2, window=5, stats=stats,
+                                           impl=impl)
+        rkept, rcnt = ops.topp_select(ref, cand, ccnt, p, span=span, sink=2, window=5,
+                                      impl="torch")
+        assert torch.equal(kcnt, rcnt)
+        assert torch.equal(ops.indices_to_mask(kept, kcnt, n), ops.indices_to_mask(rkept, rcnt, n))
+
+
+def test_score_stats_combine_to_row_softmax():
+    import torch
+
+    from nucleus_attn import ops
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 2500, generator=g) * 4
+    x[0, 1, 1000:] = float("-inf")
+    x[1, 2] = float("-inf")  # a row with no live logit
+    st = ops.score_stats(x, chunk=1000)
+    assert st.max.shape == (2, 3, 3)
+    m, z = st.row_max_total()
+    want_m = torch.where(torch.isfinite(x.amax(-1)), x.amax(-1), torch.zeros(2, 3))
+    torch.testing.assert_close(m, want_m)
+    torch.testing.assert_close(z, torch.exp(x - want_m[..., None]).sum(-1))

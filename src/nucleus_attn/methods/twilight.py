@@ -29,7 +29,6 @@ from .base import (
     grow,
     last_index,
     resolve_budget,
-    valid_positions,
 )
 from .quest import PageState, select_pages
 
@@ -139,14 +138,18 @@ def select(q: Tensor, k: Tensor, state: TwilightState, span: KeySpan, cfg: Twili
     if cfg.p >= 1.0:
         return Selection.everything(span, hkv)
     budget = resolve_budget(cfg.base_budget, n)
-    if state.pages is None or budget >= n:
-        cand, ccnt = ops.mask_to_indices(valid_positions(span, hkv))
-    else:
-        cand, ccnt = select_pages(q, state.pages, span, budget, cfg.sink, cfg.window, scale)
     keys = state.keys
-    est = ops.int4_scores(q, keys.codes, keys.scale, keys.zero, cand, ccnt, scale)
+    if state.pages is None or budget >= n:  # every valid key is a candidate: no index list
+        est, stats = ops.int4_scores_range(q, keys.codes, keys.scale, keys.zero, span, scale,
+                                           stats=True)
+        kept, kcnt = ops.topp_select_range(est, span, hkv, cfg.p, sink=cfg.sink,
+                                           window=cfg.window, stats=stats)
+        return Selection(kept, kcnt, span.lengths[:, None].expand(-1, hkv))
+    cand, ccnt = select_pages(q, state.pages, span, budget, cfg.sink, cfg.window, scale)
+    est, stats = ops.int4_scores(q, keys.codes, keys.scale, keys.zero, cand, ccnt, scale,
+                                 stats=True)
     kept, kcnt = ops.topp_select(est, cand, ccnt, cfg.p, span=span, sink=cfg.sink,
-                                 window=cfg.window)
+                                 window=cfg.window, stats=stats)
     return Selection(kept, kcnt, ccnt)
 
 

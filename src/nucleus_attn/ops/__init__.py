@@ -16,7 +16,7 @@ from .pages import (
     pages_to_tokens,
     topk_pages,
 )
-from .quant import dequantize_int4, int4_scores, quantize_int4
+from .quant import dequantize_int4, int4_scores, int4_scores_range, quantize_int4
 from .select import (
     compact,
     group_logsoftmax_max,
@@ -24,9 +24,18 @@ from .select import (
     keep_best,
     mask_to_indices,
 )
-from .topp import topp_select, topp_threshold, topp_threshold_reference, topp_weights
+from .topp import (
+    ScoreStats,
+    score_stats,
+    topp_select,
+    topp_select_range,
+    topp_threshold,
+    topp_threshold_reference,
+    topp_weights,
+)
 
 __all__ = [
+    "ScoreStats",
     "assign_nearest",
     "centroid_scores",
     "cluster_tokens",
@@ -37,6 +46,7 @@ __all__ = [
     "group_logsoftmax_max",
     "indices_to_mask",
     "int4_scores",
+    "int4_scores_range",
     "keep_best",
     "kmeans",
     "mask_to_indices",
@@ -46,9 +56,11 @@ __all__ = [
     "page_valid",
     "pages_to_tokens",
     "quantize_int4",
+    "score_stats",
     "sparse_attention",
     "topk_pages",
     "topp_select",
+    "topp_select_range",
     "topp_threshold",
     "topp_threshold_reference",
     "topp_weights",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..span import KeySpan
 from ._dispatch import (
     cdiv,
     dot_block,
@@ -22,6 +23,7 @@ from ._dispatch import (
     tl,
     use_triton,
 )
+from .topp import ScoreStats, score_stats
 
 LEVELS = 15  # 4 bits: codes 0..15
 INV_LEVELS = 1.0 / LEVELS  # a multiplication, not a division: torch divides a CUDA tensor
@@ -291,12 +293,75 @@ def int4_scores(
     counts: Tensor,
     sm_scale: float,
     *,
+    stats: bool = False,
     impl: str = "auto",
-) -> Tensor:
-    """Estimated candidate logits; see :func:`int4_scores_reference` for the contract."""
+) -> Tensor | tuple[Tensor, ScoreStats]:
+    """Estimated candidate logits; see :func:`int4_scores_reference` for the contract.
+
+    With ``stats=True`` also returns the logits' per-chunk softmax statistics
+    (:class:`nucleus_attn.ops.topp.ScoreStats`), for :func:`nucleus_attn.ops.topp_select`.
+    """
     if codes.shape[-1] * 2 != q.shape[-1]:
         raise ValueError(f"codes hold d/2={codes.shape[-1]} bytes a key but q has "
                          f"d={q.shape[-1]}; quantize the keys of this cache")
     if use_triton(impl, q, codes, indices):
-        return int4_scores_triton(q, codes, scale, zero, indices, counts, sm_scale)
-    return int4_scores_reference(q, codes, scale, zero, indices, counts, sm_scale)
+        out = int4_scores_triton(q, codes, scale, zero, indices, counts, sm_scale)
+    else:
+        out = int4_scores_reference(q, codes, scale, zero, indices, counts, sm_scale)
+    return (out, score_stats(out)) if stats else out
+
+
+# --- estimated scores over every valid position ------------------------------------------
+
+def int4_scores_range_reference(
+    q: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, span: KeySpan, sm_scale: float
+) -> Tensor:
+    """Estimated logits ``sm_scale * q . K^`` at every position of the cache.
+
+    The range form of :func:`int4_scores_reference`: no candidate index list, the
+    candidates are the valid positions of ``span``. Returns ``[B, Hq, N]`` float32 over
+    cache positions (slot j is position j), ``-inf`` outside the span.
+    """
+    b, hq, d = q.shape
+    hkv, n = codes.shape[1], codes.shape[2]
+    # reads per KV head: N * (d/2 + 2 * sizeof(scale)) bytes, once for the whole group
+    kq = dequantize_int4(codes, scale, zero)
+    s = torch.einsum("bhgd,bhnd->bhgn", q.float().view(b, hkv, hq // hkv, d), kq) * sm_scale
+    valid = span.valid_mask()[:, None, None, :]
+    return torch.where(valid, s, torch.full_like(s, float("-inf"))).reshape(b, hq, n)
+
+
+def int4_scores_range(
+    q: Tensor,
+    codes: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    span: KeySpan,
+    sm_scale: float,
+    *,
+    stats: bool = False,
+    impl: str = "auto",
+) -> Tensor | tuple[Tensor, ScoreStats]:
+    """Estimated logits of every valid position; see :func:`int4_scores_range_reference`.
+
+    With ``stats=True`` also returns their per-chunk softmax statistics, for
+    :func:`nucleus_attn.ops.topp_select_range`.
+    """
+    if codes.shape[-1] * 2 != q.shape[-1]:
+        raise ValueError(f"codes hold d/2={codes.shape[-1]} bytes a key but q has "
+                         f"d={q.shape[-1]}; quantize the keys of this cache")
+    if span.n > codes.shape[2] or span.starts.shape[0] != q.shape[0]:
+        raise ValueError(f"the span ({span.starts.shape[0]} sequences of N={span.n}) does not "
+                         f"fit the int4 keys {tuple(codes.shape)} and q {tuple(q.shape)}")
+    n = span.n
+    codes, scale, zero = codes[:, :, :n], scale[:, :, :n], zero[:, :, :n]
+    if use_triton(impl, q, codes):
+        # until a range kernel exists: the index-list kernel over every position
+        b, hkv = codes.shape[0], codes.shape[1]
+        idx = span.positions().expand(b * hkv, n).reshape(b, hkv, n)
+        cnt = torch.full((b, hkv), n, dtype=torch.int64, device=q.device)
+        out = int4_scores_triton(q, codes, scale, zero, idx, cnt, sm_scale)
+        out = torch.where(span.valid_mask()[:, None, :], out, torch.full_like(out, float("-inf")))
+    else:
+        out = int4_scores_range_reference(q, codes, scale, zero, span, sm_scale)
+    return (out, score_stats(out)) if stats else out

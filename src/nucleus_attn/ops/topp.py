@@ -15,6 +15,8 @@ rounding (a relative 1e-7 or so) the two paths may settle on neighbouring weight
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,47 @@ BISECT_STEPS = 32  # bit patterns of weights in [0, 1] span < 2**31 values
 CHUNK = 4096  # row elements a threshold program handles at once
 SURVIVORS = 16384  # weights inside the bisection bracket that are bisected in registers
 KEEP_CHUNK = 1024  # candidates per program of the keep/compaction kernel
+STATS_CHUNK = 1024  # candidates per chunk of the reference's ScoreStats
+
+
+@dataclass(frozen=True)
+class ScoreStats:
+    """Softmax statistics of score rows, per chunk of candidates, from the kernel that wrote
+    the scores (so that the top-p search need not read the rows once more to get them).
+
+    Attributes
+    ----------
+    chunk : int
+        Candidates per chunk: slot ``j`` of a row is in chunk ``j // chunk``.
+    max : Tensor
+        ``[B, Hq, C]`` float32 largest logit of each chunk (``-inf`` when none is live).
+    sumexp : Tensor
+        ``[B, Hq, C]`` float32 ``sum(exp(l - max))`` over the chunk (0 when none is live).
+    """
+
+    chunk: int
+    max: Tensor
+    sumexp: Tensor
+
+    def row_max_total(self) -> tuple[Tensor, Tensor]:
+        """``[B, Hq]`` row maximum (0 for rows without a live logit) and the row's
+        ``sum(exp(l - max))``, combined from the chunks."""
+        m = self.max.amax(-1)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        scaled = torch.where(torch.isfinite(self.max), torch.exp(self.max - m[..., None]),
+                             torch.zeros_like(self.max))
+        return m, (self.sumexp * scaled).sum(-1)
+
+
+def score_stats(logits: Tensor, chunk: int = STATS_CHUNK) -> ScoreStats:
+    """Reference :class:`ScoreStats` of ``[B, Hq, M]`` logits (``-inf`` = not live)."""
+    b, hq, m = logits.shape
+    c = max(1, -(-m // chunk))
+    x = torch.nn.functional.pad(logits.float(), (0, c * chunk - m), value=float("-inf"))
+    x = x.view(b, hq, c, chunk)
+    mx = x.amax(-1)
+    safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    return ScoreStats(chunk, mx, torch.exp(x - safe[..., None]).sum(-1))
 
 
 def topp_threshold_reference(w: Tensor, p: float) -> Tensor:
@@ -367,9 +410,14 @@ def topp_select(
     span: KeySpan | None = None,
     sink: int = 0,
     window: int = 0,
+    stats: ScoreStats | None = None,
     impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Nucleus selection per KV head; see :func:`topp_select_reference` for the contract."""
+    """Nucleus selection per KV head; see :func:`topp_select_reference` for the contract.
+
+    ``stats`` (optional) are the logits' per-chunk softmax statistics from the kernel that
+    wrote them (``int4_scores(..., stats=True)``); the result does not depend on them.
+    """
     b, hq, m = logits.shape
     if indices.shape[0] != b or indices.shape[2] != m or hq % indices.shape[1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be [B, Hq, M] over indices "
@@ -379,8 +427,82 @@ def topp_select(
     if forced is not None and forced.shape != indices.shape:
         raise ValueError(f"forced {tuple(forced.shape)} must have the shape of indices "
                          f"{tuple(indices.shape)}")
+    _check_stats(stats, logits)
     if use_triton(impl, logits, indices):
         return topp_select_triton(logits, indices, counts, p, forced, span=span, sink=sink,
                                   window=window)
     return topp_select_reference(logits, indices, counts, p, forced, span=span, sink=sink,
                                  window=window)
+
+
+def _check_stats(stats: ScoreStats | None, logits: Tensor) -> None:
+    if stats is None:
+        return
+    b, hq, m = logits.shape
+    c = max(1, -(-m // stats.chunk))
+    if stats.max.shape != (b, hq, c) or stats.sumexp.shape != (b, hq, c):
+        raise ValueError(f"stats of chunks of {stats.chunk} must be [B, Hq, {c}] for logits "
+                         f"{tuple(logits.shape)}, got {tuple(stats.max.shape)}; pass the stats "
+                         "returned with these logits")
+
+
+# --- range mode: every valid position of the cache is a candidate ------------------------
+
+def _range_candidates(logits: Tensor, span: KeySpan,
+                      num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The index-list form of range-mode logits: ``[B, Hq, N]`` logits of the valid
+    positions first (``-inf`` after them), the positions ``[B, Hkv, N]`` and counts."""
+    b, hq, n = logits.shape
+    pos = span.positions().expand(b, n)
+    cand, cnt = compact(pos, span.valid_mask())  # valid positions first, ascending
+    x = logits.float().gather(-1, cand[:, None, :].expand(b, hq, n))
+    live = torch.arange(n, device=logits.device) < cnt[:, None, None]
+    x = torch.where(live, x, torch.full_like(x, float("-inf")))
+    cand = cand[:, None, :].expand(b, num_kv_heads, n)
+    return x, cand, cnt[:, None].expand(b, num_kv_heads).contiguous()
+
+
+def topp_select_range_reference(
+    logits: Tensor, span: KeySpan, num_kv_heads: int, p: float, *, sink: int = 0,
+    window: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`topp_select_reference` where the candidates are every valid position.
+
+    ``logits`` is ``[B, Hq, N]`` over cache positions (slot j is position j); positions
+    outside ``span`` are not candidates whatever their logits. Returns kept positions
+    ``[B, Hkv, N]`` (ascending, first ``counts`` live, 0 after them) and ``counts [B, Hkv]``.
+    """
+    # reads: as topp_select_reference, with no index list read (the positions are slots)
+    x, cand, cnt = _range_candidates(logits, span, num_kv_heads)
+    return topp_select_reference(x, cand, cnt, p, span=span, sink=sink, window=window)
+
+
+def topp_select_range(
+    logits: Tensor,
+    span: KeySpan,
+    num_kv_heads: int,
+    p: float,
+    *,
+    sink: int = 0,
+    window: int = 0,
+    stats: ScoreStats | None = None,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Nucleus selection per KV head over every valid position (no candidate index list).
+
+    The range form of :func:`topp_select` (see :func:`topp_select_range_reference`):
+    Twilight's ``base="dense"``, where the 4-bit estimates of all valid keys
+    (:func:`nucleus_attn.ops.int4_scores_range`) are pruned directly.
+    """
+    b, hq, n = logits.shape
+    if num_kv_heads < 1 or hq % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must divide Hq={hq}")
+    if span.n != n or span.starts.shape[0] != b:
+        raise ValueError(f"logits {tuple(logits.shape)} must be [B, Hq, N] over the span's "
+                         f"B={span.starts.shape[0]} sequences of N={span.n} positions")
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"p={p} must be in (0, 1]; use p=1.0 to keep every candidate")
+    _check_stats(stats, logits)
+    # until a range kernel exists: the index-list path over the valid positions
+    x, cand, cnt = _range_candidates(logits, span, num_kv_heads)
+    return topp_select(x, cand, cnt, p, span=span, sink=sink, window=window, impl=impl)
