@@ -303,11 +303,12 @@ def _spec_str(spec: Any) -> str:
 
 # --- one method ------------------------------------------------------------------------------
 
-def _tiny_llama(layers: int, seed: int, max_len: int) -> Any:
+def _tiny_llama(layers: int, seed: int, max_len: int, device: str = "cpu") -> Any:
     from .e2e import TINY, build_model
 
     arch = dict(TINY, num_hidden_layers=layers, max_position_embeddings=max_len)
-    return build_model(arch, torch.float32, torch.device("cpu"), seed)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return build_model(arch, dtype, torch.device(device), seed)
 
 
 def _decode_steps(model: Any, ids: torch.Tensor, steps: int,
@@ -343,12 +344,12 @@ def profile_method(model: Any, spec: str, prompt: int, steps: int, *, warm: int 
 
     cfg = parse_method(spec)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=g)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=g).to(model.device)
     counter = HostCounter()
     counter.enabled = False
     handle = na.enable(model, cfg, dense_layers=min(2, model.config.num_hidden_layers - 1))
     original = handle._attend
-    state = {"counting": False}
+    state: dict[str, Any] = {"counting": False, "last": 0.0}
     counter.n = prompt
 
     def attend(module: Any, query: torch.Tensor, *args: Any) -> Any:
@@ -368,6 +369,10 @@ def profile_method(model: Any, spec: str, prompt: int, steps: int, *, warm: int 
     def on_step(step: int, n: int) -> None:
         # called after each token: step 0 follows the prefill
         counter.n, counter.step = n, step
+        now = time.perf_counter()
+        if state["counting"] and timing:  # host time of the whole step just finished
+            counter.tallies["step"].seconds += now - state["last"]
+        state["last"] = now
         state["counting"] = counter.enabled = warm <= step < warm + steps
 
     handle._attend = attend  # type: ignore[method-assign]
@@ -395,11 +400,15 @@ def _print_counts(rows: list[dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
+    where = "measured host us (CUDA)" if torch.cuda.is_available() else "torch-path CPU us"
     for col in ("method", "scope", "torch kernels", "views", "empty", "allocs",
-                "Triton launches", "syncs", "predicted GPU host us", "torch-path host us"):
+                "Triton launches", "syncs", "predicted GPU host us", where):
         table.add_column(col, justify="left" if col in ("method", "scope") else "right")
     for r in rows:
         for scope, d in r["scopes"].items():
+            if scope == "step":
+                table.add_row(r["method"], "whole step", *[""] * 7, f"{d['host_us']:.0f}")
+                continue
             table.add_row(r["method"], scope, f"{d['kernel_ops']:.1f}", f"{d['views']:.1f}",
                           f"{d['empties']:.1f}", f"{d['allocs']:.1f}",
                           f"{d['launches']:.1f}", f"{d['syncs']:.1f}",
@@ -431,9 +440,13 @@ def run_counts(methods: list[str], prompt: int, steps: int, layers: int, seed: i
 
 def run_timing(methods: list[str], prompt: int, steps: int, layers: int, seed: int,
                repeats: int) -> list[dict[str, Any]]:
-    """Host seconds per attention call on the torch references (no interpreter)."""
-    os.environ["NUCLEUS_ATTN_BACKEND"] = "torch"
-    model = _tiny_llama(layers, seed, prompt + steps + 64)
+    """Host seconds per attention call and per step: on a GPU the real eager path (Triton
+    kernels; a tiny model, so that the host, not the GPU, sets the pace), elsewhere the torch
+    references (CPU compute included)."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ["NUCLEUS_ATTN_BACKEND"] = "torch"
+    model = _tiny_llama(layers, seed, prompt + steps + 64, "cuda" if cuda else "cpu")
     torch.set_num_threads(1)
     best: dict[str, dict[str, Any]] = {}
     for _ in range(repeats):  # interleaved and repeated: keep each scope's fastest run
@@ -444,21 +457,58 @@ def run_timing(methods: list[str], prompt: int, steps: int, layers: int, seed: i
                 best[spec] = r
                 continue
             for scope, d in r["scopes"].items():
-                if d["host_us"] < old["scopes"][scope]["host_us"]:
+                if d["host_us"] is not None and d["host_us"] < old["scopes"][scope]["host_us"]:
                     old["scopes"][scope]["host_us"] = d["host_us"]
     return list(best.values())
 
 
+def _write_timing(out: str, timing: list[dict], prompt: int, steps: int, layers: int) -> int:
+    """On a GPU: the measured host time per layer call and per step (the op counts do not
+    depend on the device: ``bench host`` on a CPU gives them)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .kernels import gpu_label
+
+    table = Table(title=f"measured host time of eager decode steps, {torch.cuda.get_device_name()}"
+                        f" (tiny Llama x{layers}, N={prompt}, best of interleaved repeats)")
+    for col in ("method", "scope", "host us per call", "vs dense"):
+        table.add_column(col, justify="left" if col in ("method", "scope") else "right")
+    dense = next((r for r in timing if r["method"] == "dense"), None)
+    for r in timing:
+        for scope, d in sorted(r["scopes"].items()):
+            ref = None if dense is None else dense["scopes"].get(
+                "dense layer" if scope.endswith("layer") else scope, {}).get("host_us")
+            rel = "" if not ref or d["host_us"] is None else f"{d['host_us'] / ref:.1f}x"
+            table.add_row(r["method"], scope, f"{d['host_us']:.0f}", rel)
+    Console(width=140).print(table)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"bench_host_{gpu_label(torch.device('cuda'))}.json")
+    with open(path, "w") as f:
+        json.dump({"meta": {"prompt": prompt, "steps": steps, "layers": layers,
+                            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                            "command": "nucleus-attn bench host"}, "timing": timing}, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(out: str = "results", quick: bool = False, methods: list[str] | None = None,
-         prompt: int | None = None, steps: int | None = None, seed: int = 0) -> int:
-    """Print the per-layer host cost tables and write ``bench_host_cpu.json``."""
+         prompt: int | None = None, steps: int | None = None, seed: int = 0,
+         counts: bool = False) -> int:
+    """Print the per-layer host cost tables and write ``bench_host_<gpu|cpu>.json``.
+
+    On a GPU only the host time is measured (real Triton launches), unless ``counts``: the
+    op/launch/sync counts and kernel specialisations come from Triton's CPU interpreter in
+    a subprocess (slow: minutes per method at a few thousand tokens)."""
     methods = methods or DEFAULT_METHODS
-    prompt = prompt or (200 if quick else 3000)
+    prompt = prompt or (200 if quick else 2030)  # growth crosses N = 2048
     steps = steps or (2 if quick else 8)
     layers = 3 if quick else 4
-    grow_steps = 4 if quick else 40
+    grow_steps = 4 if quick else 48
     repeats = 1 if quick else 3
     timing = run_timing(methods, prompt, steps, layers, seed, repeats)
+    if torch.cuda.is_available() and not counts:
+        return _write_timing(out, timing, prompt, steps, layers)
     # the interpreter must be chosen before triton is imported: a fresh process
     env = dict(os.environ, TRITON_INTERPRET="1", NUCLEUS_ATTN_BACKEND="triton")
     args = json.dumps({"methods": methods, "prompt": prompt, "steps": steps, "layers": layers,
@@ -474,6 +524,8 @@ def main(out: str = "results", quick: bool = False, methods: list[str] | None = 
         for scope, d in row["scopes"].items():
             if scope in t["scopes"]:
                 d["host_us"] = t["scopes"][scope]["host_us"]
+        if "step" in t["scopes"]:
+            row["scopes"]["step"] = t["scopes"]["step"]
     _print_counts(counted["counts"],
                   f"host work per eager decode step (CPU, tiny Llama x{layers} layers, N={prompt}; "
                   "per attention-layer call, 'model' per step; GPU host us predicted as "
@@ -488,7 +540,10 @@ def main(out: str = "results", quick: bool = False, methods: list[str] | None = 
                 print(f"  {spec:<28} {s['kernel']:<32} {s['site']:<36} "
                       f"+{s['new_keys_later']} keys (at N={s['new_key_at_n'][:4]}): {fields_}")
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "bench_host_cpu.json")
+    from .kernels import gpu_label
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = os.path.join(out, f"bench_host_{gpu_label(device)}.json")
     meta = {"prompt": prompt, "steps": steps, "layers": layers, "op_us": OP_US,
             "view_us": VIEW_US, "empty_us": EMPTY_US, "launch_us": LAUNCH_US,
             "torch": torch.__version__, "command": "nucleus-attn bench host"

@@ -68,9 +68,10 @@ class LayerStats:
     q_heads: int
     kv_heads: int
     rows: int = 0  # decode steps x batch rows seen (host-side count, eager steps)
-    # [4, Hkv] float64 sums over rows of: kept fraction, its square, kept tokens, valid tokens
+    # [4, Hkv] float64 sums over the folded rows of: kept fraction, its square, kept tokens,
+    # valid tokens (made with the ring, added to in place)
     sums: Tensor | None = field(default=None, repr=False)
-    mass: Tensor | None = field(default=None, repr=False)  # [Hq] sum of kept masses
+    mass: Tensor | None = field(default=None, repr=False)  # [Hq] float64 sum of kept masses
     mass_rows: int = 0
     # eager steps not yet reduced: [RING_STEPS, B, Hkv + 1] int64 (kept counts, then the
     # sequence length) and [RING_STEPS, B, Hq] float32 masses; `filled` slots are live
@@ -91,12 +92,11 @@ class LayerStats:
         return self.kind != "sparse"
 
     def reset(self) -> None:
-        """Forget every step seen so far (buffers captured in a CUDA graph are zeroed in
-        place, so that later replays keep counting into them)."""
+        """Forget every step seen so far (buffers are zeroed in place: those captured in a
+        CUDA graph keep counting the later replays)."""
         self.rows = self.mass_rows = 0
-        self.sums = self.mass = None
         self._filled = self._mass_filled = 0
-        for t in (self._graph_sums, self._graph_mass):
+        for t in (self.sums, self.mass, self._graph_sums, self._graph_mass):
             if t is not None:
                 t.zero_()
         self.missed_captures = 0
@@ -128,6 +128,9 @@ class LayerStats:
             self._fold()
             ring = self._ring = _buffer(RING_STEPS, b, hkv + 1, dtype=torch.int64,
                                         device=kept.device)
+            if self.sums is None or self.sums.shape[1] != hkv:
+                # made with the ring, so that the footprint does not change at the first fold
+                self.sums = _buffer(4, hkv, dtype=torch.float64, device=kept.device, zero=True)
         torch.cat((kept, info.lengths[:, None]), 1, out=ring[self._filled])
         self._filled += 1
         self.rows += b
@@ -139,6 +142,8 @@ class LayerStats:
                 self._fold()
                 rm = self._ring_mass = _buffer(RING_STEPS, b, hq, dtype=torch.float32,
                                                device=kept.device)
+                if self.mass is None or self.mass.shape[0] != hq:
+                    self.mass = _buffer(hq, dtype=torch.float64, device=kept.device, zero=True)
             rm[self._mass_filled].copy_(info.mass)
             self._mass_filled += 1
             self.mass_rows += b
@@ -153,12 +158,10 @@ class LayerStats:
             kept = ring[..., :hkv].double()
             lengths = ring[..., hkv:].double().expand_as(kept)
             frac = kept / lengths
-            step = torch.stack((frac, frac * frac, kept, lengths)).sum((1, 2))
-            self.sums = step if self.sums is None else self.sums + step
+            self.sums.add_(torch.stack((frac, frac * frac, kept, lengths)).sum((1, 2)))
             self._filled = 0
         if self._mass_filled:
-            m = self._ring_mass[:self._mass_filled].double().sum((0, 1))
-            self.mass = m if self.mass is None else self.mass + m
+            self.mass.add_(self._ring_mass[:self._mass_filled].double().sum((0, 1)))
             self._mass_filled = 0
 
     def _add_in_place(self, info: DecodeInfo) -> None:
@@ -182,10 +185,9 @@ class LayerStats:
     def _totals(self) -> tuple[list[list[float]] | None, int, list[float] | None, int]:
         """Sums and rows over eager and captured steps (the one host sync of a summary)."""
         self._fold()
-        sums = None if self.sums is None else self.sums.tolist()
-        rows = self.rows
-        mass = None if self.mass is None else self.mass.tolist()
-        mass_rows = self.mass_rows
+        rows, mass_rows = self.rows, self.mass_rows
+        sums = None if self.sums is None or not rows else self.sums.tolist()
+        mass = None if self.mass is None or not mass_rows else self.mass.tolist()
         if self._graph_sums is not None:
             g = self._graph_sums.double().tolist()
             graph_rows = round(g[4][0])
