@@ -141,6 +141,7 @@ class HostCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if self.enabled and not self.in_launch:
             t = self.tallies[self.current]
             name = func.overloadpacket.__name__
@@ -148,11 +149,13 @@ class HostCounter(TorchDispatchMode):
             t.op_names[name] += 1
             if self.current != "model":
                 t.op_sites[f"{_caller_site()} {name}"] += 1
-            if func.is_view:
+            # an aliasing op (to, contiguous, reshape...) is a view only when it did alias
+            view = func.is_view and _aliases(out, args)
+            if view:
                 t.views += 1
             elif name in EMPTY_OPS:
                 t.empties += 1
-            if not func.is_view and not func._schema.is_mutable:
+            if not view and not func._schema.is_mutable:
                 t.allocs += 1
             sync = name in SYNC_OPS
             if name == "index" and any(
@@ -166,7 +169,14 @@ class HostCounter(TorchDispatchMode):
             if sync:
                 t.syncs += 1
                 t.sync_sites[f"{name} at {_caller_site()}"] += 1
-        return func(*args, **kwargs)
+        return out
+
+
+def _aliases(out: Any, args: tuple) -> bool:
+    first = args[0] if args else None
+    if not isinstance(out, torch.Tensor) or not isinstance(first, torch.Tensor):
+        return True
+    return out.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
 
 
 # --- Triton launches and their cache keys ----------------------------------------------------

@@ -664,9 +664,17 @@ def enable(
       as dense in the statistics. A Mistral config with ``sliding_window`` set thus runs
       every layer dense.
     - The method's metadata (page bounds, 4-bit keys, clusters) is built per layer from
-      the whole cache at the first decode step after a prefill, then updated with each
-      appended token. Every prefill (``q_len > 1``) starts over; a different batch size
-      or a cache that shrank rebuilds it.
+      the prefill's keys (at the first decode step; with ``compile`` at the prefill, into
+      the previous request's buffers), then updated with each appended token, the first
+      decode token included. Every prefill (``q_len > 1``) starts over; a different batch
+      size or a cache that shrank rebuilds it (decode steps on a cache filled without a
+      prefill build from all of it).
+    - With ``compile``, ``model.generate`` makes its own static cache; to pass a cache
+      object of your own, also pass ``cache_implementation=None``. Call
+      ``handle.warmup(prompt_tokens=..., new_tokens=...)`` with the requests' shape first:
+      the first generation of a shape compiles (minutes for an 8B model) and records the
+      CUDA graphs. Switching methods, statistics or handles records the graphs again (a
+      replay runs the kernels recorded, and none of our Python).
     - Works with transformers' dynamic cache and with static (pre-allocated) caches, with
       left padding. In a static cache N is the allocated length: a fractional budget is a
       fraction of it, so give budgets in tokens there. Each decode step then runs without
@@ -682,6 +690,12 @@ def enable(
     >>> with na.enable(model, "twilight", p=0.95) as handle:  # doctest: +SKIP
     ...     out = model.generate(**inputs, max_new_tokens=256)
     ...     print(handle.summary()["mean_kept_fraction"])
+
+    The fast path (GPU): a static cache and one CUDA graph per decode step.
+
+    >>> handle = na.enable(model, "twilight", p=0.95, compile=True)  # doctest: +SKIP
+    >>> handle.warmup(prompt_tokens=32768, new_tokens=256)  # doctest: +SKIP
+    >>> out = model.generate(**inputs, max_new_tokens=256)  # doctest: +SKIP
     """
     cfg = make_config(method, **params)
     compile_config = _compile_config(compile)
