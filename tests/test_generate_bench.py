@@ -316,3 +316,30 @@ def test_compiled_handle_is_exclusive_and_leaves_no_trace(llama):
         with pytest.raises(ValueError, match="already enabled"):
             na.enable(llama, "quest")
     assert hf._OWNER.get(next(iter(handle._modules))) is None
+
+
+# --- the lean e2e step ---------------------------------------------------------------------
+
+def test_lean_step_one_graph_for_every_method():
+    """bench e2e --compile: the whole forward compiled (fullgraph) around our opaque op;
+    the methods share one graph and give the eager step's logits."""
+    from torch._dynamo.utils import counters
+
+    from nucleus_attn.bench.e2e import TINY, DecodeLoop, build_model, compile_model
+
+    model = build_model(dict(TINY, num_hidden_layers=2), torch.float32, torch.device("cpu"), 0)
+    loop = DecodeLoop(model, 2, 64, 8, 0)
+    forward = compile_model(model)
+    graphs = None
+    for method, params in (("quest", {"budget": 16}), ("twilight", {"p": 0.8})):
+        eager, compiled = [], []
+        for fwd, out in ((None, eager), (forward, compiled)):
+            loop.reset()
+            loop.forward = fwd
+            with na.enable(model, method, dense_layers=1, **params):
+                out += [loop.step().clone() for _ in range(3)]
+        for e, c in zip(eager, compiled, strict=True):
+            torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs  # twilight reused quest's graph

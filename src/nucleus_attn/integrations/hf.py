@@ -17,6 +17,11 @@ Which keys exist per sequence (left padding before them, the unwritten part of a
 cache after them) is read from the boolean decode mask of transformers' ``sdpa_mask``
 (registered under our name: without it, padded batches would get no mask at all) as a
 :class:`~nucleus_attn.KeySpan`, on the device.
+
+Under ``torch.compile`` (``enable(..., compile=True)``: a static cache and decode steps
+compiled with CUDA graphs) the function is one opaque custom op per layer
+(:mod:`.compiled`): inductor fuses the rest of the step, and the op runs this module's
+eager code when the graph is recorded.
 """
 
 from __future__ import annotations
