@@ -343,3 +343,27 @@ def test_lean_step_one_graph_for_every_method():
         if graphs is None:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs  # twilight reused quest's graph
+
+
+# --- the long run --------------------------------------------------------------------------
+
+def test_long_run_reports_per_token_time(tmp_path):
+    assert cli.main(["bench", "memory", "--quick", "--out", str(tmp_path),
+                     "--methods", "streaming:sink=4,window=16", "--steps", "24"]) == 0
+    (run,) = json.loads((tmp_path / "bench_memory_cpu.json").read_text())["runs"]
+    assert len(run["step_seconds"]) == 23 and all(s > 0 for s in run["step_seconds"])
+    t = run["time"]
+    assert len(t["window_ms"]) >= 10 and t["flatness"] > 0
+    assert t["growth_ms_per_1k"] is not None and t["intercept_ms"] is not None
+
+
+def test_time_profile_fits_a_line():
+    from nucleus_attn.bench.memory import time_profile
+
+    steps = [1e-3 * (2.0 + 0.5 * (100 + i) / 1000) for i in range(400)]  # 0.5 ms per 1k
+    t = time_profile(steps, prompt_tokens=99)
+    assert t["growth_ms_per_1k"] == pytest.approx(0.5, rel=1e-6)
+    assert t["intercept_ms"] == pytest.approx(2.0, rel=1e-6)
+    assert t["flatness"] == pytest.approx(1.0, rel=1e-3)
+    spiky = steps[:300] + [s * 2 for s in steps[300:320]] + steps[320:]
+    assert time_profile(spiky, prompt_tokens=99)["flatness"] > 1.5
