@@ -249,9 +249,11 @@ class SparseDecodeHandle:
         Parameters
         ----------
         prompt_tokens : int or sequence of int
-            Prompt length(s) to warm up (default 2048). With ``compile=True`` use the
-            exact lengths (and ``new_tokens``) of the requests: the static cache, hence the
-            compiled graph, is sized ``prompt + new_tokens``.
+            Prompt length(s) to warm up (default 2048). With ``compile=True`` warm up the
+            longest request (prompt + ``new_tokens``): transformers (>= 5.24) sizes a
+            generation's static cache for the longest one so far (or
+            ``generation_config.max_cache_len``), so shorter requests then reuse its cache
+            and compiled graph; a longer one compiles again.
         new_tokens : int
             Decode steps per warm-up generation (default 32, at least 1).
         batch : int
