@@ -252,8 +252,9 @@ class SparseDecodeHandle:
             Prompt length(s) to warm up (default 2048). With ``compile=True`` warm up the
             longest request (prompt + ``new_tokens``): transformers (>= 5.24) sizes a
             generation's static cache for the longest one so far (or
-            ``generation_config.max_cache_len``), so shorter requests then reuse its cache
-            and compiled graph; a longer one compiles again.
+            ``generation_config.max_cache_len``), so shorter requests then reuse the
+            compiled graph (its CUDA graphs are recorded again for the new cache, a few
+            steps); a longer one compiles again.
         new_tokens : int
             Decode steps per warm-up generation (default 32, at least 1).
         batch : int
