@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("nucleus_attn.generate", "generate text with a sparse method on a HF model"),
     "demo": ("nucleus_attn.demo", "long-context retrieval on the bundled model, per method"),
     "eval": ("nucleus_attn.eval.cli", "offline long-context accuracy and perplexity sweeps"),
-    "bench": ("nucleus_attn.bench.cli", "kernel benchmarks against dense SDPA (GPU)"),
+    "bench": ("nucleus_attn.bench.cli", "benchmarks: kernels, e2e, generate, memory (GPU), host"),
 }
 
 

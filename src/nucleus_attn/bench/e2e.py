@@ -18,10 +18,15 @@ measured). For every (context, batch) point, in one run and on the same model an
   each method actually kept is measured on an eager step and shown.
 
 Each step is one CUDA graph (captured after two eager steps, replayed with the position and
-mask advanced on the device); with ``--compile`` the RMSNorms, the rotary embedding and the
-MLP activation are compiled with ``torch.compile`` first, for every row alike. The byte
-floor of a step is the weights plus the KV (or the method's metadata and kept rows) over
-the bandwidth measured in the same run.
+mask advanced on the device). With ``--compile`` (the lean step) the whole forward is
+compiled with ``torch.compile(fullgraph=True)`` first, for every row alike: inductor fuses
+the norms, rotary embedding, residuals and MLP activation around the matmuls of each
+decoder layer, and our attention is one opaque op per layer
+(:mod:`nucleus_attn.integrations.compiled`); ``--compile-parts`` compiles only the RMSNorms,
+the rotary embedding and the MLP (the previous step). A ``matmuls`` row applies every
+weight matrix of the model once with plain ``F.linear`` in one graph: what the weights
+alone cost. The byte floor of a step is the weights plus the KV (or the method's metadata
+and kept rows) over the bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -173,12 +178,15 @@ class DecodeLoop:
             if isinstance(length, Tensor):  # transformers >= 5.24 writes at this position
                 length.fill_(self.ctx)
 
+    forward: Any = None  # what runs the model (a compiled model with --compile)
+
     def step(self) -> Tensor:
         """One decode step of the whole model; returns the logits."""
         self.mask.index_fill_(3, self.pos, True)
         positions = self.pos.view(1, 1).expand(self.batch, 1)
-        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **self.kwargs)
+        forward = self.model if self.forward is None else self.forward
+        out = forward(input_ids=self.ids, attention_mask=self.mask, position_ids=positions,
+                      use_cache=True, logits_to_keep=1, **self.kwargs)
         self.pos.add_(1)
         return out.logits
 
@@ -207,6 +215,43 @@ def compile_rest(model: Any) -> None:
     for module in model.modules():
         if type(module).__name__ in ("LlamaRMSNorm", "LlamaMLP"):
             module.forward = torch.compile(module.forward, dynamic=False)
+
+
+def compile_model(model: Any) -> Any:
+    """The whole forward under ``torch.compile(fullgraph=True, dynamic=False)`` (inductor on a
+    GPU, ``aot_eager`` on CPU); CUDA graphs are captured around it by :func:`time_row`.
+    One graph per attention implementation (stock SDPA, ours, none): every method shares
+    ours, whose attention is one opaque op per layer."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    backend = "inductor" if model.device.type == "cuda" else "aot_eager"
+    return torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
+
+
+@dataclass
+class MatmulLoop:
+    """Every weight matrix of the model applied once to a ``[B, in]`` activation with plain
+    ``F.linear`` (what the weights alone cost: the matmul part of a step)."""
+
+    model: Any
+    batch: int
+
+    def __post_init__(self) -> None:
+        dev, dtype = self.model.device, self.model.dtype
+        self.weights = [m.weight for m in self.model.modules()
+                        if isinstance(m, torch.nn.Linear)]
+        self.inputs = {w.shape[1]: torch.randn(self.batch, w.shape[1], device=dev, dtype=dtype)
+                       for w in self.weights}
+
+    def reset(self) -> None:
+        pass
+
+    def step(self) -> Tensor:
+        out = None
+        for w in self.weights:
+            out = torch.nn.functional.linear(self.inputs[w.shape[1]], w)
+        return out
 
 
 # --- timing one row ---------------------------------------------------------------------------
@@ -250,6 +295,12 @@ def run_row(model: Any, loop: DecodeLoop, row: Row, steps: int, graphs: bool) ->
     handle = None
     kept = kept_all = 1.0
     state_bytes = 0
+    if row.kind == "matmuls":
+        matmuls = MatmulLoop(model, loop.batch)
+        seconds = time_row(matmuls, steps, graphs)  # type: ignore[arg-type]
+        return {"label": row.label, "kind": row.kind, "spec": row.spec, "target": row.target,
+                "kept_fraction": 1.0, "kept_fraction_all_layers": 1.0, "seconds": seconds,
+                "state_bytes": 0, "peak_bytes": 0}
     if row.kind == "stock":
         model.set_attn_implementation("sdpa")
     elif row.kind == "no-attn":
@@ -280,12 +331,14 @@ def run_row(model: Any, loop: DecodeLoop, row: Row, steps: int, graphs: bool) ->
             "seconds": seconds, "state_bytes": state_bytes, "peak_bytes": peak}
 
 
-def profile_rows(model: Any, n: int, b: int, rows: list[Row], top: int = 12) -> list[dict]:
-    """GPU kernel time of one eager decode step per row (torch profiler), grouped by
-    kernel name: where the time of a step goes."""
+def profile_rows(model: Any, n: int, b: int, rows: list[Row], top: int = 12,
+                 forward: Any = None) -> list[dict]:
+    """GPU kernel time of one decode step per row (torch profiler, not in a graph), grouped
+    by kernel name: where the time of a step goes."""
     import nucleus_attn as na
 
     loop = DecodeLoop(model, b, n, 8, 0)
+    loop.forward = forward
     out = []
     for row in rows:
         loop.reset()
@@ -325,7 +378,7 @@ def step_floor_bytes(row: dict, model: Any, b: int, n: int) -> float:
     shape = Shape(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, model.dtype)
     dense_kv = floor_bytes("dense", b, n, shape, 0.0)
     base = weight_bytes(model)
-    if row["kind"] == "no-attn":
+    if row["kind"] in ("no-attn", "matmuls"):
         return base
     if row["kind"] in ("stock", "dense"):
         return base + layers * dense_kv
@@ -358,10 +411,12 @@ def fits(model: Any, b: int, n: int, headroom: int, device: torch.device) -> boo
 
 def bench_point(model: Any, n: int, b: int, fractions: list[float], methods: list[str],
                 steps: int, bw: float, graphs: bool, seed: int,
-                progress: Callable[[str], None]) -> list[dict]:
+                progress: Callable[[str], None], forward: Any = None) -> list[dict]:
     headroom = steps + 16
     loop = DecodeLoop(model, b, n, headroom, seed)
-    rows = [Row("stock sdpa", "stock"), Row("dense", "dense"), Row("no-attn", "no-attn")]
+    loop.forward = forward
+    rows = [Row("stock sdpa", "stock"), Row("dense", "dense"), Row("no-attn", "no-attn"),
+            Row("matmuls", "matmuls")]
     rows += method_rows(n, fractions, methods)
     out = []
     for row in rows:
@@ -373,6 +428,7 @@ def bench_point(model: Any, n: int, b: int, fractions: list[float], methods: lis
     cfg = model.config
     for r in out:  # the code's own account of the metadata, over the allocated positions
         r["state_accounted_bytes"] = 0.0
+        r["state_bytes_per_token_layer"] = 0.0
         if r["kind"] == "method":
             acct = memory_table([parse_method(r["spec"])], head_dim=cfg.head_dim,
                                 dtype=model.dtype, kv_heads=cfg.num_key_value_heads,
@@ -400,7 +456,8 @@ def print_table(rows: list[dict], meta: dict) -> None:
     from rich.table import Table
 
     title = (f"whole-model decode step, {meta['gpu']}, Llama-3-8B shape (random weights), "
-             f"bf16, CUDA graphs{', compiled' if meta['compiled'] else ''}; speed-up vs our "
+             f"bf16, CUDA graphs{', compiled: ' + meta['compiled'] if meta['compiled'] else ''}"
+             "; speed-up vs our "
              f"dense (same hook and cache); floor at {meta['floor_bandwidth'] / 1e12:.2f} TB/s"
              if meta["device"] == "cuda" else "whole-model decode step (CPU smoke, eager)")
     table = Table(title=title)
@@ -421,6 +478,50 @@ def print_table(rows: list[dict], meta: dict) -> None:
           "allocation over the dense row's")
     for s in meta["skipped"]:
         print(f"skipped: {s}")
+    for line in target_lines(rows):
+        print(line)
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """The issue's targets for the lean step, each next to what was measured."""
+    out = []
+
+    def pick(n: int, b: int, pred: Callable[[dict], bool]) -> list[dict]:
+        return [r for r in rows if r["n"] == n and r["batch"] == b and pred(r)]
+
+    def name(r: dict) -> str:
+        return r["spec"].split(":")[0]
+
+    for b in (1, 4):
+        for n in sorted({r["n"] for r in rows}):
+            rest = pick(n, b, lambda r: r["kind"] == "no-attn")
+            if rest:
+                r = rest[0]
+                ratio = r["seconds"] / r["floor_seconds"]
+                out.append(f"target no-attn <= 1.2x its byte floor (N={n} B={b}): "
+                           f"{r['seconds'] * 1e3:.2f} ms / {r['floor_seconds'] * 1e3:.2f} ms "
+                           f"= {ratio:.2f}x {'MET' if ratio <= 1.2 else 'missed'}")
+    for b, need in ((1, 1.5), (4, 2.6)):
+        adaptive = pick(131072, b, lambda r: r["kind"] == "method"
+                        and name(r) in ("twilight", "tactic"))
+        if adaptive:
+            best = max(adaptive, key=lambda r: r["speedup"])
+            out.append(f"target best adaptive >= {need}x at 128k x {b}: {best['label']} "
+                       f"{best['speedup']:.2f}x ({best['bound_fraction'] * 100:.0f}% of the "
+                       f"Amdahl bound {best['amdahl_bound']:.2f}) "
+                       f"{'MET' if best['speedup'] >= need else 'missed'}")
+    quest = pick(131072, 4, lambda r: r["kind"] == "method" and name(r) == "quest")
+    if quest:
+        best = max(quest, key=lambda r: r["speedup"])
+        out.append(f"target Quest >= 2.8x at 128k x 4: {best['label']} {best['speedup']:.2f}x "
+                   f"{'MET' if best['speedup'] >= 2.8 else 'missed'}")
+    short = [r for r in rows if r["n"] == 4096 and r["kind"] == "method"]
+    if short:
+        worst = min(short, key=lambda r: r["speedup"])
+        out.append(f"target no method slower than dense by > 3% at 4k: worst {worst['label']} "
+                   f"(B={worst['batch']}) {worst['speedup']:.2f}x "
+                   f"{'MET' if worst['speedup'] >= 0.97 else 'missed'}")
+    return out
 
 
 def plot(rows: list[dict], path: str, meta: dict) -> None:
@@ -465,9 +566,22 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
 
 def main(out: str = "results", quick: bool = False, ns: list[int] | None = None,
          batches: list[int] | None = None, fractions: list[float] | None = None,
-         methods: list[str] | None = None, steps: int = 20, compile_model: bool = False,
+         methods: list[str] | None = None, steps: int = 20, compile: str | bool = False,
          seed: int = 0, profile: tuple[int, int] | None = None) -> int:
-    """Run the benchmark, print the table, write ``bench_e2e_<gpu>.json/.png``."""
+    """Run the benchmark, print the table, write ``bench_e2e_<gpu>.json/.png``.
+
+    ``compile``: False (eager modules), ``"whole"`` (or True: the lean step, the whole
+    forward compiled) or ``"parts"`` (only norms, rotary and MLP compiled)."""
+    if compile is True:
+        compile = "whole"
+    if compile not in (False, "whole", "parts"):
+        raise ValueError(f"bench e2e: compile={compile!r} must be False, 'whole' or 'parts'")
+    return _main(out, quick, ns, batches, fractions, methods, steps, compile, seed, profile)
+
+
+def _main(out: str, quick: bool, ns: list[int] | None, batches: list[int] | None,
+          fractions: list[float] | None, methods: list[str] | None, steps: int,
+          compile: str | bool, seed: int, profile: tuple[int, int] | None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     if device.type != "cuda" and not quick:
         print("nucleus-attn bench e2e needs a CUDA GPU; use --quick for a CPU smoke test")
@@ -487,10 +601,12 @@ def main(out: str = "results", quick: bool = False, ns: list[int] | None = None,
     copy_bw, read_bw = bandwidths(device, quick)
     bw = max(copy_bw, read_bw)
     model = build_model(arch, dtype, device, seed)
-    compiled = False
-    if compile_model:
+    forward = None
+    if compile == "parts":
         compile_rest(model)
-        compiled = True
+    elif compile == "whole":
+        forward = compile_model(model)
+    compiled = compile or ""
     meta: dict[str, Any] = {
         "gpu": gpu_label(device), "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if graphs else platform.processor(),
@@ -516,7 +632,7 @@ def main(out: str = "results", quick: bool = False, ns: list[int] | None = None,
             meta["skipped"].append(f"N={n} B={b}: the cache does not fit in GPU memory")
             continue
         rows += bench_point(model, n, b, fractions, methods, steps, bw, graphs, seed,
-                            lambda s: bar.set_postfix_str(s))
+                            lambda s: bar.set_postfix_str(s), forward)
         write_results(stem, meta, rows)  # after every point: partial runs count
         if graphs:
             torch.cuda.empty_cache()
@@ -526,7 +642,7 @@ def main(out: str = "results", quick: bool = False, ns: list[int] | None = None,
         n, b = profile
         prof_rows = [Row("dense", "dense"), Row("no-attn", "no-attn")]
         prof_rows += [r for r in method_rows(n, fractions[:1], methods)]
-        meta["profile"] = profile_rows(model, n, b, prof_rows)
+        meta["profile"] = profile_rows(model, n, b, prof_rows, forward=forward)
     write_results(stem, meta, rows, plot)
     return 0
 

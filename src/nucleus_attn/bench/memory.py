@@ -3,9 +3,13 @@ next to the KV cache, the method's metadata and their analytic account.
 
 The point is to see that memory grows only with the cache: the metadata should stay
 within its account (:mod:`nucleus_attn.memory`, at most twice it while buffers grow by
-doubling) and nothing else should grow per step. Allocations are sampled from inside
-``generate`` by a logits processor (called once per new token), which also ticks the
-progress bar.
+doubling) and nothing else should grow per step; and that the time per token stays flat
+apart from the cache's growth (no recompilation, re-allocation or leak slowing later steps).
+Allocations and the time of every token are sampled from inside ``generate`` by a logits
+processor (called once per new token: CUDA events on a GPU, no sync), which also ticks the
+progress bar. The per-token times are summarised per window of steps and fitted with a line
+against the cached tokens: ``growth`` is its slope (ms per 1k cached tokens, what the cache
+costs), ``flatness`` the largest window mean over the fitted line (1.0: flat).
 """
 
 from __future__ import annotations
@@ -30,17 +34,66 @@ class _Sampler:
         self.advance = advance
         self.step = 0
         self.samples: list[tuple[int, int]] = []
+        self.events: list[Any] = []  # one per token (CUDA)
+        self.host: list[float] = []  # one per token (host clock)
 
     def sample(self) -> None:
         if self.cuda:
             self.samples.append((self.step, torch.cuda.memory_allocated(self.device)))
 
+    def mark(self) -> None:
+        self.host.append(time.perf_counter())
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.events.append(e)
+
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.mark()
         self.step += 1
         if self.step % self.every == 0:
             self.sample()
         self.advance()
         return scores
+
+    def step_seconds(self) -> list[float]:
+        """Seconds of each decode step (token i-1 to token i; the first token follows the
+        prefill and is left out)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            ev = self.events
+            return [a.elapsed_time(b) * 1e-3 for a, b in zip(ev, ev[1:], strict=False)]
+        return [b - a for a, b in zip(self.host, self.host[1:], strict=False)]
+
+
+def time_profile(steps: list[float], prompt_tokens: int, windows: int = 20) -> dict[str, Any]:
+    """Per-token times summarised: means per window, a least-squares line against the cached
+    tokens, and how far the windows stray above it.
+
+    Returns ``window_ms`` (``[first step, mean ms]`` per window), ``growth_ms_per_1k``
+    (slope), ``intercept_ms``, ``flatness`` (max over windows, the first excluded, of the
+    window mean / the line at its middle: 1.0 is flat), ``first_window_ms`` and
+    ``last_window_ms``.
+    """
+    if not steps:
+        return {"window_ms": [], "growth_ms_per_1k": None, "intercept_ms": None,
+                "flatness": None, "first_window_ms": None, "last_window_ms": None}
+    size = max(1, len(steps) // windows)
+    win = []
+    for i in range(0, len(steps) - size + 1, size):
+        chunk = steps[i:i + size]
+        win.append((i, 1e3 * sum(chunk) / len(chunk)))
+    # fit on the steps after the first window (the first steps compile and warm up)
+    xs = [prompt_tokens + 1 + i for i in range(size if len(win) > 1 else 0, len(steps))]
+    ys = [1e3 * steps[x - prompt_tokens - 1] for x in xs]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    icept = my - slope * mx
+    ratios = [ms / max(icept + slope * (prompt_tokens + 1 + i + size / 2), 1e-9)
+              for i, ms in win[1:]] or [1.0]
+    return {"window_ms": win, "growth_ms_per_1k": 1e3 * slope, "intercept_ms": icept,
+            "flatness": max(ratios), "first_window_ms": win[0][1], "last_window_ms": win[-1][1]}
 
 
 def _head_dim(config: Any) -> int:
@@ -59,6 +112,7 @@ def measure_growth(
     sample_every: int = 100,
     seed: int = 0,
     progress: bool = True,
+    compile: Any = False,
     **params: Any,
 ) -> dict[str, Any]:
     """Generate ``new_tokens`` after a random prompt under ``method`` and account memory.
@@ -86,6 +140,9 @@ def measure_growth(
         Seed of the random prompt.
     progress : bool
         Show a progress bar over the new tokens (transient).
+    compile : bool or transformers.CompileConfig
+        As for :func:`nucleus_attn.enable` (a static cache of ``prompt + new_tokens``
+        positions and compiled decode steps).
 
     Returns
     -------
@@ -98,7 +155,9 @@ def measure_growth(
         generation) and ``accounting`` (the :func:`~nucleus_attn.memory.memory_table` row
         for the sparse layers and the cached tokens); on CUDA ``baseline_allocated``
         (before generating), ``samples`` (``(step, memory_allocated)`` pairs, the last one
-        after generation) and ``max_memory_allocated``, None elsewhere.
+        after generation) and ``max_memory_allocated``, None elsewhere; ``step_seconds``
+        (every decode step: CUDA events on a GPU, the host clock elsewhere) and ``time``
+        (:func:`time_profile` of them).
     """
     from rich.progress import Progress
     from transformers import LogitsProcessorList
@@ -126,7 +185,7 @@ def measure_growth(
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task(f"{cfg.name}: {new_tokens} tokens", total=new_tokens)
         sampler = _Sampler(device, sample_every, lambda: bar.advance(task))
-        handle = enable(model, cfg, dense_layers=dense_layers)
+        handle = enable(model, cfg, dense_layers=dense_layers, stats=False, compile=compile)
         try:
             with torch.inference_mode():
                 out = model.generate(
@@ -139,6 +198,7 @@ def measure_growth(
                 torch.cuda.synchronize(device)
             sampler.sample()  # at the end, with the states still alive
             states = handle_state_bytes(handle)
+            steps = sampler.step_seconds()
             kinds = [layer.stats.kind for layer in handle._layers.values()]
         finally:
             handle.disable()
@@ -169,6 +229,8 @@ def measure_growth(
         "baseline_allocated": baseline,
         "samples": sampler.samples if cuda else None,
         "max_memory_allocated": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "step_seconds": steps,
+        "time": time_profile(steps, prompt_tokens),
     }
 
 
@@ -180,34 +242,49 @@ SMALL = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_hidd
 
 
 def plot(runs: list[dict], path: str) -> None:
-    """Allocated memory over the decode steps, per method, next to the cache's account."""
+    """Allocated memory (next to the cache's account) and per-token time over the decode
+    steps, per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, (ax, at) = plt.subplots(1, 2, figsize=(12, 4.0))
     for r in runs:
-        pts = [(s, (m - r["baseline_allocated"]) / 2**20) for s, m in r["samples"]]
-        ax.plot(*zip(*pts, strict=True), label=r["method"], lw=1.2)
+        label = r["method"] + (" (compiled)" if r.get("compiled") else "")
+        if r["samples"]:
+            pts = [(s, (m - r["baseline_allocated"]) / 2**20) for s, m in r["samples"]]
+            ax.plot(*zip(*pts, strict=True), label=label, lw=1.2)
+        win = r["time"]["window_ms"]
+        if win:
+            at.plot(*zip(*win, strict=True), "o-", ms=3, label=label, lw=1.2)
     r = runs[0]
-    per_step = r["kv_cache_accounted"] / r["cached_tokens"] / 2**20
-    steps = [s for s, _ in r["samples"]]
-    ax.plot(steps, [(r["prompt_tokens"] + s) * per_step for s in steps], "k--",
-            label="KV cache (account)")
+    if r["samples"]:
+        per_step = r["kv_cache_accounted"] / r["cached_tokens"] / 2**20
+        steps = [s for s, _ in r["samples"]]
+        ax.plot(steps, [(r["prompt_tokens"] + s) * per_step for s in steps], "k--",
+                label="KV cache (account)")
     ax.set_xlabel("decode step")
     ax.set_ylabel("allocated over the model (MiB)")
-    ax.set_title(f"memory of a {r['new_tokens']}-step generation, batch {r['batch']}")
-    ax.legend(fontsize=8)
+    ax.set_title(f"memory of a {r['new_tokens']}-step generation, batch {r['batch']}"
+                 + ("" if r["samples"] else " (not sampled off a GPU)"))
+    if r["samples"]:
+        ax.legend(fontsize=8)
+    at.set_xlabel("decode step")
+    at.set_ylabel("ms per token (window mean)")
+    at.set_title("time per token")
+    at.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def main(out: str = "results", quick: bool = False, steps: int = 10000,
-         methods: list[str] | None = None, prompt_tokens: int = 2048, seed: int = 0) -> int:
-    """``nucleus-attn bench memory``: a long generation per method on a small random Llama;
-    writes ``bench_memory_<gpu>.json/.png``."""
+         methods: list[str] | None = None, prompt_tokens: int = 2048, seed: int = 0,
+         modes: list[str] | None = None) -> int:
+    """``nucleus-attn bench memory``: a long generation per method on a small random Llama
+    (eager, and with ``modes=["compiled"]`` through ``enable(compile=True)``); writes
+    ``bench_memory_<gpu>.json/.png``."""
     import json
     import os
 
@@ -221,20 +298,32 @@ def main(out: str = "results", quick: bool = False, steps: int = 10000,
     arch, dtype = (TINY, torch.float32) if quick else (SMALL, torch.bfloat16)
     steps = min(steps, 40) if quick else steps
     prompt_tokens = min(prompt_tokens, 64) if quick else prompt_tokens
-    methods = methods or ["dense", "quest:budget=256", "twilight:p=0.95", "tactic:p=0.9"]
+    methods = methods or ["dense", "quest:budget=256", "twilight:p=0.95", "tactic:p=0.9",
+                          "streaming"]
+    modes = modes or ["eager"]
     model = build_model(dict(arch, max_position_embeddings=prompt_tokens + steps + 8), dtype,
                         device, seed)
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"bench_memory_{gpu_label(device)}")
-    meta = {"arch": arch, "dtype": str(dtype), "device": device.type, "torch": torch.__version__}
+    meta = {"arch": arch, "dtype": str(dtype), "device": device.type, "torch": torch.__version__,
+            "command": "nucleus-attn bench memory" + (" --quick" if quick else "")}
     runs = []
-    for spec in methods:
-        from ..methods import parse_method
+    from ..methods import parse_method
+    from .generate import compile_config
 
+    for mode, spec in ((m, s) for m in modes for s in methods):
+        compiled = mode == "compiled"
         r = measure_growth(model, parse_method(spec), prompt_tokens=prompt_tokens,
                            new_tokens=steps, device=device, sample_every=max(1, steps // 100),
-                           seed=seed)
+                           seed=seed, compile=compile_config(device) if compiled else False)
+        r["compiled"] = compiled
         runs.append(r)
+        t = r["time"]
+        if t["window_ms"]:
+            print(f"{r['method']:<22} {mode}: {t['first_window_ms']:.2f} ms/token in the first "
+                  f"window, {t['last_window_ms']:.2f} in the last; fit "
+                  f"{t['intercept_ms']:.2f} ms + {t['growth_ms_per_1k']:.3f} ms per 1k cached "
+                  f"tokens; largest window over the fit {t['flatness']:.2f}x", flush=True)
         acct = r["accounting"]
         over = None
         if r["max_memory_allocated"] is not None:
@@ -248,7 +337,9 @@ def main(out: str = "results", quick: bool = False, steps: int = 10000,
               flush=True)
         with open(stem + ".json", "w") as f:  # after every method: partial runs count
             json.dump({"meta": meta, "runs": runs}, f, indent=1)
-    if device.type == "cuda":
+    try:
         plot(runs, stem + ".png")
-    print(f"wrote {stem}.json" + (f" and {stem}.png" if device.type == "cuda" else ""))
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'nucleus-attn[plot]')")
+    print(f"wrote {stem}.json and {stem}.png")
     return 0

@@ -17,11 +17,19 @@ Which keys exist per sequence (left padding before them, the unwritten part of a
 cache after them) is read from the boolean decode mask of transformers' ``sdpa_mask``
 (registered under our name: without it, padded batches would get no mask at all) as a
 :class:`~nucleus_attn.KeySpan`, on the device.
+
+Under ``torch.compile`` (``enable(..., compile=True)``: a static cache and decode steps
+compiled with CUDA graphs) the function is one opaque custom op per layer
+(:mod:`.compiled`): inductor fuses the rest of the step, and the op runs this module's
+eager code when the graph is recorded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -35,6 +43,7 @@ from .. import ops
 from ..decode import decode_step, new_state
 from ..methods import MethodConfig, MethodState, describe, make_config
 from ..span import KeySpan
+from . import compiled
 from .stats import LayerStats, print_summary, summarize
 from .tp import check_tensor_parallel, tp_world_size
 
@@ -66,6 +75,10 @@ def nucleus_attention(
     ``query`` is ``[B, Hq, q_len, d]``; ``key``/``value`` are the whole cache after this
     step's append, ``[B, Hkv, N, d]``. Returns ``([B, q_len, Hq, d], None)``.
     """
+    if torch.compiler.is_compiling() and hasattr(module, compiled.KEY_ATTR):
+        # traced by dynamo: one opaque op, which runs the code below when the graph runs
+        return compiled.attend(module, query, key, value, attention_mask, dropout, scaling,
+                               kwargs)
     handle = _OWNER.get(module)
     if handle is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
@@ -82,9 +95,11 @@ class _Layer:
     built: bool = False  # state built for the current sequence (None is a valid state)
     n: int = 0  # cache positions the state covers
     batch: int = 0
+    prefill_n: int = 0  # cache length at the prefill the next build follows (0: none)
 
     def forget(self) -> None:
         self.state, self.built, self.n, self.batch = None, False, 0, 0
+        self.prefill_n = 0
 
 
 class SparseDecodeHandle:
@@ -116,14 +131,31 @@ class SparseDecodeHandle:
         self.config = config
         self.dense_layers = dense_layers
         self.diagnostics = diagnostics
-        self.stats = stats
+        self._stats = stats
         self.enabled = True
         self._previous = previous
         self._layers = layers
         self._modules = modules
+        self._module_of = {m.layer_idx: m for m in modules}
+        self._generation_config: dict[str, Any] | None = None  # what compile= replaced
+        self._key = compiled.register(self, modules)
         # the key span of the current step, shared by the layers: (mask, B, N, device)
         self._span_key: tuple[Any, ...] | None = None
         self._span: tuple[KeySpan, bool] | None = None
+        self._zeros: Tensor | None = None  # [B] starts of unpadded steps, reused
+        self.compiled = False  # decode steps run compiled (see enable(compile=...))
+        self.graph_resets = 0  # times recorded CUDA graphs were dropped (new state shapes)
+
+    @property
+    def stats(self) -> bool:
+        """Whether kept counts are recorded at each step (may be switched at any time)."""
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: bool) -> None:
+        if bool(value) != self._stats and self.compiled:
+            _reset_graphs()  # recorded CUDA graphs would keep (not) recording
+        self._stats = bool(value)
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "disabled"
@@ -143,10 +175,15 @@ class SparseDecodeHandle:
         for module in self._modules:
             _OWNER.pop(module, None)
         _ENABLED.pop(self.model, None)
+        compiled.unregister(self._key, self)
+        _reset_graphs()
         self.model.set_attn_implementation(self._previous)
+        if self._generation_config is not None:
+            _restore_generation(self.model, self._generation_config)
+            self._generation_config = None
         for layer in self._layers.values():
             layer.forget()
-        self._span_key = self._span = None
+        self._span_key = self._span = self._zeros = None
 
     def __enter__(self) -> SparseDecodeHandle:
         return self
@@ -192,6 +229,90 @@ class SparseDecodeHandle:
         """Print :meth:`summary` as a rich table (see :func:`~.stats.print_summary`)."""
         print_summary(self.summary(), console)
 
+    # --- warm-up --------------------------------------------------------------------------
+
+    def warmup(self, prompt_tokens: int | Sequence[int] = 2048, *, new_tokens: int = 32,
+               batch: int = 1, padded: bool = False, **generate_kwargs: Any) -> dict[str, Any]:
+        """Compile ahead: a throwaway generation of each request shape, so that the first
+        real request pays neither kernel compilation nor (with ``compile=True``) graph
+        compilation and recording.
+
+        Runs ``model.generate`` on random token ids (greedy, exactly ``new_tokens`` new
+        tokens) for each prompt length, then forgets the statistics it produced. Every
+        Triton kernel a request uses is compiled for the specialisations the request will
+        meet: the state build at the prompt length, and each decode kernel over
+        ``new_tokens >= 16`` steps (Triton specialises integer arguments on divisibility by
+        16, so the cache length's residue mod 16 matters until all 16 have been seen).
+        Requests of other prompt lengths may still compile a few kernels once (kernels
+        whose launch parameters depend on the length: see ``nucleus-attn bench host``).
+
+        Parameters
+        ----------
+        prompt_tokens : int or sequence of int
+            Prompt length(s) to warm up (default 2048). With ``compile=True`` warm up the
+            longest request (prompt + ``new_tokens``): transformers (>= 5.24) sizes a
+            generation's static cache for the longest one so far (or
+            ``generation_config.max_cache_len``), so shorter requests then reuse the
+            compiled graph (its CUDA graphs are recorded again for the new cache, a few
+            steps); a longer one compiles again.
+        new_tokens : int
+            Decode steps per warm-up generation (default 32, at least 1).
+        batch : int
+            Rows per generation (default 1).
+        padded : bool
+            Left-pad the last row by one token (batch >= 2): warms up the masked paths
+            that left-padded batches take.
+        **generate_kwargs
+            Passed to ``model.generate`` (e.g. ``cache_implementation="static"``); use
+            the same options as the requests. Run it in the same grad mode as the
+            requests too (compiled graphs are specialised on it).
+
+        Returns
+        -------
+        dict
+            ``seconds`` (total), and ``runs``: per prompt length ``prompt_tokens`` and
+            ``seconds``.
+
+        Examples
+        --------
+        >>> handle = na.enable(model, "twilight", p=0.95, compile=True)  # doctest: +SKIP
+        >>> handle.warmup(prompt_tokens=32768, new_tokens=256)  # doctest: +SKIP
+        """
+        import time
+
+        lengths = [prompt_tokens] if isinstance(prompt_tokens, int) else list(prompt_tokens)
+        for name, value in (("new_tokens", new_tokens), ("batch", batch),
+                            *(("prompt_tokens", n) for n in lengths)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"warmup: {name}={value!r} must be an int >= 1")
+        if padded and batch < 2:
+            raise ValueError("warmup: padded=True needs batch >= 2 (the last row is padded)")
+        if not self.enabled:
+            raise ValueError("warmup: this handle was disabled; call enable() again")
+        model = self.model
+        vocab = model.config.vocab_size
+        gen = model.generation_config
+        pad = gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0]
+        pad = 0 if pad is None else int(pad)
+        g = torch.Generator().manual_seed(0)
+        runs, start = [], time.perf_counter()
+        for n in lengths:
+            ids = torch.randint(0, vocab, (batch, n), generator=g).to(model.device)
+            mask = torch.ones_like(ids)
+            if padded:
+                ids[-1, 0], mask[-1, 0] = pad, 0
+            t0 = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           pad_token_id=pad, **generate_kwargs)
+            if ids.is_cuda:
+                torch.cuda.synchronize(ids.device)
+            runs.append({"prompt_tokens": n, "seconds": time.perf_counter() - t0})
+        self.reset_stats()
+        return {"seconds": time.perf_counter() - start, "runs": runs}
+
     # --- the attention step ----------------------------------------------------------------
 
     def _attend(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -210,10 +331,21 @@ class SparseDecodeHandle:
             layer.stats.kind = "sliding"
         if q_len > 1 or module.training:
             # prefill (or chunked prefill, or training): transformers' SDPA; the method's
-            # metadata is rebuilt from the whole cache at the next decode step
-            layer.forget()
-            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
+            # metadata is rebuilt from the whole cache at the next decode step, or here
+            # (into the same buffers) when decode steps are compiled and replayed as
+            # graphs, which run none of this Python
+            out = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
+                                         scaling=scaling, **kwargs)
+            found = None
+            if self.compiled and not module.training and not layer.stats.dense:
+                found = self._prefill_span(module, mask, query.shape[0], n, q_len, key.device,
+                                           kwargs.get("position_ids"))
+            if found is None:
+                layer.forget()
+                layer.prefill_n = n
+            else:
+                self._build(layer, key, mask, *found, in_place=True)
+            return out
         if layer.stats.dense:
             if self.stats:
                 layer.stats.add_dense(query.shape[0])
@@ -236,13 +368,20 @@ class SparseDecodeHandle:
         b, _, _, d = query.shape
         n = key.shape[2]
         span, padded = self._key_span(module, mask, b, n, key.device)
-        if not layer.built or layer.batch != b or n < layer.n:
-            # a new sequence (or a cache that was cropped or reordered): build from it all
-            if padded:
-                _check_one_block(mask, span)
-            layer.state = new_state(self.config, key, span)
-            layer.built = True
-        elif layer.state is not None:
+        p, covered = layer.prefill_n, False
+        if not layer.built and p and n in (p, p + 1):
+            # the first step after a prefill: build from the prefill's keys, then take in
+            # this step's token below, as every later one (what a build at the prefill
+            # gives: eager and compiled steps keep the same metadata)
+            before = KeySpan(span.starts, span.ends - 1, p)
+            self._build(layer, key[:, :, :p] if n > p else key, mask, before, padded,
+                        check=span)
+        elif not layer.built or layer.batch != b or n < layer.n:
+            # a new sequence without a prefill seen (or a cache that was cropped or
+            # reordered): build from all of it
+            self._build(layer, key, mask, span, padded)
+            covered = True
+        if layer.state is not None and not covered:
             if n > layer.n:  # a growing cache: the appended positions
                 layer.state.extend(key, span)
             else:  # a static cache: the token written at span.ends - 1
@@ -256,6 +395,46 @@ class SparseDecodeHandle:
         if self.stats:
             layer.stats.add(info)
         return out[:, None], None
+
+    def _build(self, layer: _Layer, key: Tensor, mask: Tensor | None, span: KeySpan,
+               padded: bool, in_place: bool = False, check: KeySpan | None = None) -> None:
+        """Build the layer's metadata from the whole cache ``key`` ``[B, Hkv, N, d]``.
+
+        With ``in_place`` the new metadata is copied into the previous one's tensors when
+        every shape and host-side value agrees, so that decode steps captured in CUDA graphs
+        (which hold the old addresses) read it; otherwise the captured graphs are dropped
+        (:func:`_reset_graphs`) and recorded again at the next step. ``check`` is the span
+        the mask describes, when it is not ``span`` (default: ``span``).
+        """
+        if padded and mask is not None:
+            _check_one_block(mask, check or span)
+        fresh = new_state(self.config, key, span)
+        old = layer.state
+        if in_place and old is not None and layer.built:
+            if not _copy_into(old, fresh):
+                layer.state = fresh
+                _reset_graphs()
+                self.graph_resets += 1
+        else:
+            layer.state = fresh
+        layer.built, layer.prefill_n = True, 0
+        layer.n, layer.batch = key.shape[2], key.shape[0]
+
+    def _prefill_span(self, module: nn.Module, mask: Tensor | None, b: int, n: int,
+                      q_len: int, device: torch.device,
+                      position_ids: Tensor | None) -> tuple[KeySpan, bool] | None:
+        """The keys a prefill's last token sees (those the next decode step's metadata is
+        built from), or None when they cannot be told (then the first decode step builds)."""
+        if mask is not None:  # its last query row
+            return self._key_span(module, mask, b, n, device)
+        if n == q_len:  # no past tokens, no padding
+            return KeySpan.full(b, n, device), False
+        if isinstance(position_ids, Tensor) and position_ids.dim() == 2:
+            # a static cache, no padding (the mask was skipped: SDPA runs causal): the
+            # first position_ids[:, -1] + 1 positions hold keys
+            ends = position_ids[:, -1].to(device=device, dtype=torch.int64).expand(b) + 1
+            return KeySpan(torch.zeros_like(ends), ends, n), True
+        return None
 
     def _key_span(self, module: nn.Module, mask: Tensor | None, b: int, n: int,
                   device: torch.device) -> tuple[KeySpan, bool]:
@@ -273,7 +452,13 @@ class SparseDecodeHandle:
             self._span_key = (idx, *fresh)
             return self._span  # type: ignore[return-value]
         if mask is None:
-            span = (KeySpan.full(b, n, device), False)
+            # no padding: starts are zeros (kept from step to step), ends are n
+            zeros = self._zeros
+            if zeros is None or zeros.shape[0] != b or zeros.device != device:
+                zeros = self._zeros = _persistent(torch.zeros, b, dtype=torch.int64,
+                                                  device=device)
+            span = (KeySpan(zeros, torch.full((b,), n, dtype=torch.int64, device=device), n),
+                    False)
         else:
             valid = _valid_keys(mask, b, n).to(torch.int8)
             starts = valid.argmax(-1)
@@ -281,6 +466,47 @@ class SparseDecodeHandle:
             span = (KeySpan(starts, ends, n), True)
         self._span_key, self._span = (idx, *fresh), span
         return span
+
+
+def _persistent(make: Any, *shape: int, **kw: Any) -> Tensor:
+    """A tensor that steps inside and outside ``torch.inference_mode`` can both use."""
+    with torch.inference_mode(False):
+        return make(*shape, **kw)
+
+
+def _copy_into(old: Any, new: Any) -> bool:
+    """Copy method state ``new`` into ``old`` (tensors in place, recursively through
+    dataclasses); False, leaving ``old`` partly written, when a tensor's shape, dtype or
+    device or a host-side value (page counts, Tactic's largest cluster...) differs."""
+    if isinstance(old, Tensor):
+        if not isinstance(new, Tensor) or (old.shape, old.dtype, old.device) != (
+                new.shape, new.dtype, new.device):
+            return False
+        old.copy_(new)
+        return True
+    if dataclasses.is_dataclass(old) and not isinstance(old, type):
+        if type(old) is not type(new):
+            return False
+        for f in fields(old):
+            a, b = getattr(old, f.name), getattr(new, f.name)
+            if isinstance(a, Tensor) or (dataclasses.is_dataclass(a) and not isinstance(a, type)
+                                         and not type(a).__dataclass_params__.frozen):
+                if not _copy_into(a, b):
+                    return False
+            elif a != b:
+                return False
+        return True
+    return bool(old == new)
+
+
+def _reset_graphs() -> None:
+    """Drop the CUDA graphs ``torch.compile(mode="reduce-overhead")`` recorded; the next
+    call records them again. Needed whenever what our attention op does changes behind the
+    compiled graph (another method or handle, statistics switched, method state replaced):
+    a replay runs the kernels recorded, with the addresses recorded, and no Python."""
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is not None:
+        trees.reset_cudagraph_trees()
 
 
 def _valid_keys(mask: Tensor, b: int, n: int) -> Tensor:
@@ -384,6 +610,7 @@ def enable(
     dense_layers: int = 2,
     diagnostics: bool = False,
     stats: bool = True,
+    compile: bool | dict[str, Any] | Any = False,
     **params: Any,
 ) -> SparseDecodeHandle:
     """Turn sparse decode attention on for a loaded transformers decoder.
@@ -408,9 +635,18 @@ def enable(
         head (reads every key: slow; default False). Kept token counts are recorded
         whenever ``stats`` is on.
     stats : bool
-        Record kept token counts at each step (default True; a few tiny kernels per layer).
-        Turn off for timing, or when steps are captured in a CUDA graph: replays run no
-        Python, so running sums would not accumulate.
+        Record kept token counts at each step (default True: one tiny device op per layer
+        and step in eager steps; a few in-place ops inside CUDA-graph captures, so that
+        every replay counts). Turn off for timing.
+    compile : bool, dict or transformers.CompileConfig
+        ``True`` makes ``model.generate`` use the fast path: a static (pre-allocated) KV
+        cache and decode steps compiled with ``torch.compile(fullgraph=True,
+        mode="reduce-overhead")``, i.e. the whole step (projections, norms, rotary, MLP
+        fused by inductor, our attention as one opaque op per layer) replayed as one CUDA
+        graph. A dict or a ``CompileConfig`` gives other ``torch.compile`` options. The
+        first generation of each shape (batch, prompt + new tokens) compiles and records:
+        call :meth:`SparseDecodeHandle.warmup` first. Restored by :meth:`disable`.
+        Default False (eager steps, the model's own cache).
     **params
         The method's parameters (e.g. ``p=0.9``, ``base_budget=512``).
 
@@ -436,9 +672,17 @@ def enable(
       as dense in the statistics. A Mistral config with ``sliding_window`` set thus runs
       every layer dense.
     - The method's metadata (page bounds, 4-bit keys, clusters) is built per layer from
-      the whole cache at the first decode step after a prefill, then updated with each
-      appended token. Every prefill (``q_len > 1``) starts over; a different batch size
-      or a cache that shrank rebuilds it.
+      the prefill's keys (at the first decode step; with ``compile`` at the prefill, into
+      the previous request's buffers), then updated with each appended token, the first
+      decode token included. Every prefill (``q_len > 1``) starts over; a different batch
+      size or a cache that shrank rebuilds it (decode steps on a cache filled without a
+      prefill build from all of it).
+    - With ``compile``, ``model.generate`` makes its own static cache; to pass a cache
+      object of your own, also pass ``cache_implementation=None``. Call
+      ``handle.warmup(prompt_tokens=..., new_tokens=...)`` with the requests' shape first:
+      the first generation of a shape compiles (minutes for an 8B model) and records the
+      CUDA graphs. Switching methods, statistics or handles records the graphs again (a
+      replay runs the kernels recorded, and none of our Python).
     - Works with transformers' dynamic cache and with static (pre-allocated) caches, with
       left padding. In a static cache N is the allocated length: a fractional budget is a
       fraction of it, so give budgets in tokens there. Each decode step then runs without
@@ -454,8 +698,15 @@ def enable(
     >>> with na.enable(model, "twilight", p=0.95) as handle:  # doctest: +SKIP
     ...     out = model.generate(**inputs, max_new_tokens=256)
     ...     print(handle.summary()["mean_kept_fraction"])
+
+    The fast path (GPU): a static cache and one CUDA graph per decode step.
+
+    >>> handle = na.enable(model, "twilight", p=0.95, compile=True)  # doctest: +SKIP
+    >>> handle.warmup(prompt_tokens=32768, new_tokens=256)  # doctest: +SKIP
+    >>> out = model.generate(**inputs, max_new_tokens=256)  # doctest: +SKIP
     """
     cfg = make_config(method, **params)
+    compile_config = _compile_config(compile)
     if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
         raise ValueError(f"dense_layers={dense_layers!r} must be an int >= 0 (the first layers "
                          "kept dense; 2 by default)")
@@ -493,4 +744,47 @@ def enable(
     for module in modules:
         _OWNER[module] = handle
     _ENABLED[model] = handle
+    if compile_config is not None:
+        handle._generation_config = _switch_generation(model, compile_config)
+        handle.compiled = True
+    _reset_graphs()  # graphs recorded under another handle would replay its kernels
     return handle
+
+
+def _compile_config(compile: Any) -> Any:
+    """The ``transformers.CompileConfig`` that ``enable(compile=...)`` asks for, or None."""
+    if compile is False or compile is None:
+        return None
+    from transformers import CompileConfig
+
+    if compile is True:
+        return CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
+    if isinstance(compile, CompileConfig):
+        return compile
+    if isinstance(compile, dict):
+        return CompileConfig(**compile)
+    raise TypeError(
+        f"compile={compile!r} must be True/False, a dict of torch.compile options or a "
+        "transformers.CompileConfig, e.g. compile=True or compile={'mode': 'max-autotune'}"
+    )
+
+
+_GENERATION_FIELDS = ("cache_implementation", "compile_config")
+
+
+def _switch_generation(model: PreTrainedModel, compile_config: Any) -> dict[str, Any]:
+    """Make ``model.generate`` use a static cache and compiled decode steps; returns what
+    it replaced (for :func:`_restore_generation`)."""
+    gen = model.generation_config
+    previous = {name: getattr(gen, name, None) for name in _GENERATION_FIELDS}
+    if getattr(gen, "disable_compile", False):
+        raise ValueError("enable(compile=True): model.generation_config.disable_compile is "
+                         "True; set it to False or leave compile off")
+    gen.cache_implementation = "static"
+    gen.compile_config = compile_config
+    return previous
+
+
+def _restore_generation(model: PreTrainedModel, previous: dict[str, Any]) -> None:
+    for name, value in previous.items():
+        setattr(model.generation_config, name, value)

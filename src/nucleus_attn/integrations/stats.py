@@ -1,8 +1,13 @@
 """Budget statistics of a model run: kept tokens and kept attention mass, per layer and head.
 
-Every decode step of every layer adds its :class:`~nucleus_attn.DecodeInfo` here. Sums stay
-on the device (a few tiny tensor ops per layer and step, no host sync); :meth:`LayerStats.as_dict`
-reads them once when a summary is asked for.
+Every decode step of every layer adds its :class:`~nucleus_attn.DecodeInfo` here, at the
+cost of one small device op per layer and step and no host sync: the step's kept counts
+and lengths are written with one ``torch.cat(..., out=)`` into a ring of
+:data:`RING_STEPS` slots, which is reduced into running sums (a few ops) once it is full.
+Inside a CUDA-graph capture (whole-step graphs, ``torch.compile(mode="reduce-overhead")``)
+the step is instead added in place to device sums, row count included, so that every
+replay counts although replays run no Python. :meth:`LayerStats.as_dict` reads the sums
+once when a summary is asked for.
 
 Layers that run dense attention (the first ``dense_layers`` and sliding-window layers)
 count as keeping every token (kept fraction 1) and all of the mass (mass 1): that is what
@@ -22,6 +27,24 @@ from ..decode import DecodeInfo
 
 #: Why a layer runs dense attention, as reported in summaries.
 KINDS = ("sparse", "dense", "sliding")
+#: Decode steps a layer's ring holds before it is reduced into the running sums.
+RING_STEPS = 64
+
+
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _fits(buf: Tensor | None, shape: tuple[int, ...], like: Tensor) -> bool:
+    return buf is not None and tuple(buf.shape[1:]) == shape and buf.device == like.device
+
+
+def _buffer(*shape: int, dtype: torch.dtype, device: torch.device, zero: bool = False) -> Tensor:
+    """A buffer that steps inside and outside ``torch.inference_mode`` can both write into
+    (made outside inference mode: an inference tensor cannot be written outside it)."""
+    with torch.inference_mode(False):
+        make = torch.zeros if zero else torch.empty
+        return make(*shape, dtype=dtype, device=device)
 
 
 @dataclass
@@ -44,11 +67,24 @@ class LayerStats:
     kind: str
     q_heads: int
     kv_heads: int
-    rows: int = 0  # decode steps x batch rows seen
-    # [4, Hkv] sums over rows of: kept fraction, its square, kept tokens, valid tokens
+    rows: int = 0  # decode steps x batch rows seen (host-side count, eager steps)
+    # [4, Hkv] float64 sums over the folded rows of: kept fraction, its square, kept tokens,
+    # valid tokens (made with the ring, added to in place)
     sums: Tensor | None = field(default=None, repr=False)
-    mass: Tensor | None = field(default=None, repr=False)  # [Hq] sum of kept masses
+    mass: Tensor | None = field(default=None, repr=False)  # [Hq] float64 sum of kept masses
     mass_rows: int = 0
+    # eager steps not yet reduced: [RING_STEPS, B, Hkv + 1] int64 (kept counts, then the
+    # sequence length) and [RING_STEPS, B, Hq] float32 masses; `filled` slots are live
+    _ring: Tensor | None = field(default=None, repr=False)
+    _ring_mass: Tensor | None = field(default=None, repr=False)
+    _filled: int = field(default=0, repr=False)
+    _mass_filled: int = field(default=0, repr=False)
+    # steps added inside CUDA-graph captures, by every replay: [5, Hkv] float32 (the four
+    # sums, then rows) and [Hq + 1] float32 (mass sums, then rows). Zeroed when made, by an
+    # eager step (a zero fill inside a capture would run again at every replay)
+    _graph_sums: Tensor | None = field(default=None, repr=False)
+    _graph_mass: Tensor | None = field(default=None, repr=False)
+    missed_captures: int = 0  # captured steps that found no graph buffer (not counted)
 
     @property
     def dense(self) -> bool:
@@ -56,53 +92,140 @@ class LayerStats:
         return self.kind != "sparse"
 
     def reset(self) -> None:
-        """Forget every step seen so far."""
+        """Forget every step seen so far (buffers are zeroed in place: those captured in a
+        CUDA graph keep counting the later replays)."""
         self.rows = self.mass_rows = 0
-        self.sums = self.mass = None
+        self._filled = self._mass_filled = 0
+        for t in (self.sums, self.mass, self._graph_sums, self._graph_mass):
+            if t is not None:
+                t.zero_()
+        self.missed_captures = 0
 
     def add_dense(self, rows: int) -> None:
         """Count ``rows`` decode rows attended densely (nothing to read from the device)."""
         self.rows += rows
 
     def add(self, info: DecodeInfo) -> None:
-        """Accumulate one decode step (``info.kept [B, Hkv]``, ``info.mass [B, Hq]``).
+        """Record one decode step (``info.kept [B, Hkv]``, ``info.lengths [B]``,
+        ``info.mass [B, Hq]``): one device op, or an in-place update inside a CUDA-graph
+        capture."""
+        kept = info.kept
+        b, hkv = kept.shape
+        self.kv_heads = hkv  # the heads this process holds (all but under TP)
+        if _capturing(kept):
+            self._add_in_place(info)
+            return
+        if kept.is_cuda:  # ready for a later capture (zeroed here, outside it)
+            if self._graph_sums is None or self._graph_sums.shape[1] != hkv:
+                self._graph_sums = _buffer(5, hkv, dtype=torch.float32, device=kept.device,
+                                           zero=True)
+            if info.mass is not None and (self._graph_mass is None
+                                          or self._graph_mass.shape[0] != info.mass.shape[1] + 1):
+                self._graph_mass = _buffer(info.mass.shape[1] + 1, dtype=torch.float32,
+                                           device=kept.device, zero=True)
+        ring = self._ring
+        if not _fits(ring, (b, hkv + 1), kept):
+            self._fold()
+            ring = self._ring = _buffer(RING_STEPS, b, hkv + 1, dtype=torch.int64,
+                                        device=kept.device)
+            if self.sums is None or self.sums.shape[1] != hkv:
+                # made with the ring, so that the footprint does not change at the first fold
+                self.sums = _buffer(4, hkv, dtype=torch.float64, device=kept.device, zero=True)
+        torch.cat((kept, info.lengths[:, None]), 1, out=ring[self._filled])
+        self._filled += 1
+        self.rows += b
+        if info.mass is not None:
+            hq = info.mass.shape[1]
+            self.q_heads = hq
+            rm = self._ring_mass
+            if not _fits(rm, (b, hq), kept):
+                self._fold()
+                rm = self._ring_mass = _buffer(RING_STEPS, b, hq, dtype=torch.float32,
+                                               device=kept.device)
+                if self.mass is None or self.mass.shape[0] != hq:
+                    self.mass = _buffer(hq, dtype=torch.float64, device=kept.device, zero=True)
+            rm[self._mass_filled].copy_(info.mass)
+            self._mass_filled += 1
+            self.mass_rows += b
+        if self._filled == RING_STEPS or self._mass_filled == RING_STEPS:
+            self._fold()
 
-        Out-of-place sums, so that steps run inside and outside ``torch.inference_mode``
-        can follow each other.
-        """
+    def _fold(self) -> None:
+        """Reduce the live ring slots into the running sums (a few ops, no host sync)."""
+        if self._filled:
+            ring = self._ring[:self._filled]
+            hkv = ring.shape[-1] - 1
+            kept = ring[..., :hkv].double()
+            lengths = ring[..., hkv:].double().expand_as(kept)
+            frac = kept / lengths
+            self.sums.add_(torch.stack((frac, frac * frac, kept, lengths)).sum((1, 2)))
+            self._filled = 0
+        if self._mass_filled:
+            self.mass.add_(self._ring_mass[:self._mass_filled].double().sum((0, 1)))
+            self._mass_filled = 0
+
+    def _add_in_place(self, info: DecodeInfo) -> None:
+        """Add the step to the graph buffers in place (a few ops, replayed every step)."""
         kept = info.kept.float()
+        b, hkv = kept.shape
+        sums = self._graph_sums
+        if sums is None or sums.shape[1] != hkv or (
+                info.mass is not None and (self._graph_mass is None
+                                           or self._graph_mass.shape[0] != info.mass.shape[1] + 1)):
+            self.missed_captures += 1  # no eager step of this shape came first
+            return
         lengths = info.lengths.float()[:, None].expand_as(kept)
         frac = kept / lengths
-        step = torch.stack((frac, frac * frac, kept, lengths)).sum(1)
-        self.sums = step if self.sums is None else self.sums + step
-        self.kv_heads = kept.shape[1]  # the heads this process holds (all but under TP)
-        self.rows += kept.shape[0]
+        sums.add_(torch.stack((frac, frac * frac, kept, lengths, torch.ones_like(frac))).sum(1))
         if info.mass is not None:
-            m = info.mass.float().sum(0)
-            self.mass = m if self.mass is None else self.mass + m
-            self.q_heads = m.shape[0]
-            self.mass_rows += kept.shape[0]
+            self.q_heads = info.mass.shape[1]
+            self._graph_mass.add_(torch.cat((info.mass.float().sum(0),
+                                             torch.full_like(info.mass[0, :1], b))))
+
+    def _totals(self) -> tuple[list[list[float]] | None, int, list[float] | None, int]:
+        """Sums and rows over eager and captured steps (the one host sync of a summary)."""
+        self._fold()
+        rows, mass_rows = self.rows, self.mass_rows
+        sums = None if self.sums is None or not rows else self.sums.tolist()
+        mass = None if self.mass is None or not mass_rows else self.mass.tolist()
+        if self._graph_sums is not None:
+            g = self._graph_sums.double().tolist()
+            graph_rows = round(g[4][0])
+            if graph_rows:
+                rows += graph_rows
+                sums = g[:4] if sums is None else [
+                    [a + c for a, c in zip(x, y, strict=True)]
+                    for x, y in zip(sums, g[:4], strict=True)]
+        if self._graph_mass is not None:
+            gm = self._graph_mass.double().tolist()
+            if round(gm[-1]):
+                mass_rows += round(gm[-1])
+                mass = gm[:-1] if mass is None else [a + c for a, c in
+                                                      zip(mass, gm[:-1], strict=True)]
+        return sums, rows, mass, mass_rows
 
     def as_dict(self) -> dict[str, Any]:
         """Means over the rows seen (None where nothing was measured); one host sync."""
+        sums, rows, mass_sums, mass_rows = (None, self.rows, None, 0) if self.dense else \
+            self._totals()
         out: dict[str, Any] = {"layer": self.layer, "dense": self.dense, "kind": self.kind,
-                               "decode_rows": self.rows}
-        if self.rows == 0:
+                               "decode_rows": rows}
+        if rows == 0:
             out.update(mean_kept_fraction=None, std_kept_fraction=None, mean_mass=None,
                        kept_fraction_per_head=None, mass_per_head=None,
                        mean_kept_tokens=None, mean_context_tokens=None)
             return out
-        if self.dense or self.sums is None:
+        if self.dense or sums is None:
             ones_kv, ones_q = [1.0] * self.kv_heads, [1.0] * self.q_heads
             out.update(mean_kept_fraction=1.0, std_kept_fraction=0.0, mean_mass=1.0,
                        kept_fraction_per_head=ones_kv, mass_per_head=ones_q,
                        mean_kept_tokens=None, mean_context_tokens=None)
             return out
-        sums = (self.sums / self.rows).tolist()  # [4][Hkv]
+        sums = [[x / rows for x in row] for row in sums]  # [4][Hkv]
         per_head = sums[0]
         mean = sum(per_head) / len(per_head)
         mean_sq = sum(sums[1]) / len(per_head)
-        mass = None if self.mass is None else (self.mass / self.mass_rows).tolist()
+        mass = None if mass_sums is None else [x / mass_rows for x in mass_sums]
         out.update(
             mean_kept_fraction=mean,
             std_kept_fraction=math.sqrt(max(mean_sq - mean * mean, 0.0)),
