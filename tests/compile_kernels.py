@@ -80,6 +80,7 @@ def main() -> int:
     ops.page_minmax(k, span, 16, impl=t)
     kmin = torch.randn(b, hkv, n // 16, d, dtype=bf)
     ops.page_scores(q, kmin, kmin, span, 16, impl=t)
+    ops.page_scores(q, kmin, kmin, span, 16, stats=True, scale=0.1, impl=t)
     ops.topk_pages(torch.randn(b, hkv * g, n // 16), hkv, span, 16, 2048, 4, 64, 0.1, impl=t)
     ops.quantize_int4(k, impl=t)
     m = n // 4

@@ -110,9 +110,11 @@ def select_pages(
     """
     ps, hkv = pages.page_size, pages.kmin.shape[1]
     p = pages.pages
-    bounds = ops.page_scores(q, pages.kmin[:, :, :p], pages.kmax[:, :, :p], span, ps)
+    # the bounds' softmax statistics come out of the same pass, for the top-k kernel
+    bounds, stats = ops.page_scores(q, pages.kmin[:, :, :p], pages.kmax[:, :, :p], span, ps,
+                                    stats=True, scale=scale)
     return ops.topk_pages(bounds, hkv, span, ps, math.ceil(budget / ps), sink, max(window, 1),
-                          scale)
+                          scale, stats=stats)
 
 
 def select(q: Tensor, k: Tensor, state: PageState, span: KeySpan, cfg: QuestConfig,

@@ -9,9 +9,11 @@ backend can call the ops unchanged.
 from .attention import dense_attention, gathered_scores, sparse_attention
 from .clusters import assign_nearest, centroid_scores, cluster_tokens, kmeans
 from .pages import (
+    PageStats,
     last_page_minmax,
     page_minmax,
     page_scores,
+    page_stats_reference,
     page_valid,
     pages_to_tokens,
     topk_pages,
@@ -35,6 +37,7 @@ from .topp import (
 )
 
 __all__ = [
+    "PageStats",
     "ScoreStats",
     "assign_nearest",
     "centroid_scores",
@@ -53,6 +56,7 @@ __all__ = [
     "last_page_minmax",
     "page_minmax",
     "page_scores",
+    "page_stats_reference",
     "page_valid",
     "pages_to_tokens",
     "quantize_int4",
