@@ -35,6 +35,10 @@ MAX_CHUNK = 2048
 PROGRAMS_PER_SM = 1
 SPLIT_MIN_PAGES = 1024  # rows of fewer pages keep the one-program-per-row kernel
 SCAN = 2048  # keys the last program scans at once
+# block sizes of the last program's loops (boundary pages, chunk offsets, stats per load)
+LIST_BLOCK = 1024
+PREFIX_CHUNKS = 1024
+STATS_BLOCK = 256
 WORKSPACE_PER_ROW = NBK + 4  # zeroed int32: histogram, forced count, ticket
 
 
@@ -307,8 +311,9 @@ def topk_split(bounds: Tensor, num_kv_heads: int, span: KeySpan, page_size: int,
             bounds, smax, smin, ssum, span.starts, span.ends, workspace, scratch, out, counts,
             hkv, p, min(k, p), cs, capt, float(scale), int(sink), int(window),
             offs["keys"], offs["surv"], offs["cnt"], offs["info"],
-            GROUP=group, BLOCK_G=next_pow2(group), T=t, SC=sc, NBK=NBK, SK=1024,
-            CSB=min(256, next_pow2(cs)), CP=min(1024, next_pow2(c)), PAGE=page_size,
+            GROUP=group, BLOCK_G=next_pow2(group), T=t, SC=sc, NBK=NBK, SK=LIST_BLOCK,
+            CSB=min(STATS_BLOCK, next_pow2(cs)), CP=min(PREFIX_CHUNKS, next_pow2(c)),
+            PAGE=page_size,
             PAGE_T=next_pow2(page_size), WB=min(t, max(1, 2048 // next_pow2(page_size))),
             ZB=1024, PHASE=phase, num_warps=warps,
         )

@@ -73,6 +73,11 @@ MAX_CHUNK = 4096
 PROGRAMS_PER_SM = 2  # chunks per row are chosen to give about this many programs per SM
 SPLIT_MIN_M = 4096  # rows shorter than this take the one-program-per-row kernel
 SURVIVORS_IN_REGISTERS = 4096  # survivors of a row (all heads) bisected without reloading
+# block sizes of the tails' loops (chunks per load, survivors per load, stats per load)
+TAIL_CHUNKS = 64
+PREFIX_CHUNKS = 1024
+UNION_BLOCK = 512
+STATS_BLOCK = 256
 
 
 def split_wanted(m: int) -> bool:
@@ -522,7 +527,6 @@ def topp_split(
     fstr = (forced.stride(0), forced.stride(1)) if forced is not None else (0, 0)
     starts = span.starts if span is not None else kept_counts
     ends = span.ends if span is not None else kept_counts
-    su = 512  # survivors a tail reads at once for the union
     sreg = max(16, SURVIVORS_IN_REGISTERS // block_g)
     for phase in (1, 2, 3, 4):
         _topp_split_kernel[(rows, c)](
@@ -531,9 +535,9 @@ def topp_split(
             *istr, *fstr, hkv, m, cs, c, float(p), int(sink), int(window),
             offs["h1"], offs["t1"], offs["h2"], offs["t2"], offs["p1"], offs["p2"],
             offs["par"], offs["cnt"], offs["ofs"], rows * group * m,
-            GROUP=group, BLOCK_G=block_g, T=t, CSB=min(256, next_pow2(cs)),
-            CB=min(64, next_pow2(c)), CP=min(1024, next_pow2(c)), NB1=NB1, NB2=NB2,
-            E=EXACT_BINS, SREG=sreg, SU=su, PHASE=phase, RANGE=range_mode,
+            GROUP=group, BLOCK_G=block_g, T=t, CSB=min(STATS_BLOCK, next_pow2(cs)),
+            CB=min(TAIL_CHUNKS, next_pow2(c)), CP=min(PREFIX_CHUNKS, next_pow2(c)), NB1=NB1,
+            NB2=NB2, E=EXACT_BINS, SREG=sreg, SU=UNION_BLOCK, PHASE=phase, RANGE=range_mode,
             HAS_FORCED=forced is not None, HAS_SPAN=has_span, EXACT_EXP=not interpreting(),
             num_warps=warps,
         )
