@@ -316,7 +316,8 @@ def _int4_launch(q: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, indices:
     if stats:
         smax = torch.empty(b, hq, cs, dtype=torch.float32, device=dev)
         ssum = torch.empty_like(smax)
-        ws = torch.empty(topp_split.workspace_numel(b * hkv), dtype=torch.int32, device=dev)
+        ws = torch.empty(topp_split.workspace_numel(b * hkv, g), dtype=torch.int32,
+                         device=dev)
     else:
         smax = ssum = out
         ws = cnt

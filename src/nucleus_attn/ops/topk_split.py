@@ -23,6 +23,8 @@ of the scaled bounds per chunk of pages), which also bound the keys:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -34,7 +36,7 @@ MIN_CHUNK = 256
 MAX_CHUNK = 2048
 PROGRAMS_PER_SM = 1
 SPLIT_MIN_PAGES = 1024  # rows of fewer pages keep the one-program-per-row kernel
-SCAN = 2048  # keys the last program scans at once
+SCAN = 4096  # keys the last program scans at once
 # block sizes of the last program's loops (boundary pages, chunk offsets, stats per load)
 LIST_BLOCK = 1024
 PREFIX_CHUNKS = 1024
@@ -171,10 +173,37 @@ def _topk_split_kernel(
             tl.debug_barrier()  # the list and the counts are read by other threads below
             kth_bits = tl.sum(tl.zeros([CP], tl.int32), axis=0)
             tiep = kth_bits - 1
-            if mode == 2:
+            kk = tl.arange(0, SK)
+            b256 = tl.arange(0, 256)
+            if (mode == 2) & (nb <= SK):  # the boundary bin in registers: no reloads
+                mk = kk < nb
+                pv = tl.load(sc_ptr + OFF_SURV + row64 * P + kk, mask=mk, other=0,
+                             cache_modifier=".cg")
+                bits = tl.load(keys + pv, mask=mk, other=0, cache_modifier=".cg")
+                uk = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) ^ (-2147483648)
+                needr = need
+                prefix = kth_bits
+                for i in tl.static_range(4):
+                    shift = 24 - 8 * i
+                    match = mk if i == 0 else mk & (((uk ^ prefix) >> (shift + 8)) == 0)
+                    h256 = tl.histogram(tl.where(match, (uk >> shift) & 255, 0), 256, mask=match)
+                    at_least = tl.cumsum(h256, axis=0, reverse=True)
+                    digit = tl.sum((at_least >= needr).to(tl.int32), axis=0) - 1
+                    needr -= tl.sum(tl.where(b256 > digit, h256, 0), axis=0)
+                    prefix = prefix | (digit << shift)
+                kth = prefix ^ (-2147483648)
+                kth_bits = tl.where(kth >= 0, kth, kth ^ 0x7FFFFFFF)
+                tie = mk & (bits == kth_bits)
+                rank = tl.cumsum(tie.to(tl.int32), axis=0)
+                tiep = tl.max(tl.where(tie & (rank <= needr), pv, -1), axis=0)
+                chosen = mk & ((bits.to(tl.float32, bitcast=True) > kth_bits.to(
+                    tl.float32, bitcast=True)) | (tie & (pv <= tiep)))
+                f3 = pv * PAGE
+                nt = tl.maximum(tl.minimum(f3 + PAGE, end) - tl.maximum(f3, start), 0)
+                tl.atomic_add(cntw + pv // T, nt, mask=chosen)
+                tl.debug_barrier()
+            if (mode == 2) & (nb > SK):  # streamed from the list, a block at a time
                 # the need-th best of the bin: radix select, one byte at a time from the top
-                kk = tl.arange(0, SK)
-                b256 = tl.arange(0, 256)
                 needr = need
                 prefix = kth_bits
                 for i in tl.static_range(4):
@@ -282,10 +311,24 @@ def topk_split(bounds: Tensor, num_kv_heads: int, span: KeySpan, page_size: int,
                sink: int, window: int, scale: float, smax: Tensor, smin: Tensor, ssum: Tensor,
                workspace: Tensor | None, capacity: int) -> tuple[Tensor, Tensor]:
     """Token positions ``[B, Hkv, capacity * page_size]`` and counts ``[B, Hkv]`` of the
-    best pages (the contract of :func:`nucleus_attn.ops.pages.topk_pages_reference`, ties
-    by page order). ``smax``/``smin``/``ssum`` are ``[B, Hq, CS]`` per-chunk statistics of
-    ``bounds * scale``; ``workspace`` is ``B * Hkv * WORKSPACE_PER_ROW`` zeroed int32
-    (allocated when None)."""
+    best pages; see :func:`prepare`."""
+    launch, out, counts = prepare(bounds, num_kv_heads, span, page_size, k, sink, window,
+                                  scale, smax, smin, ssum, workspace, capacity)
+    launch(1)
+    launch(2)
+    return out, counts
+
+
+def prepare(bounds: Tensor, num_kv_heads: int, span: KeySpan, page_size: int, k: int,
+            sink: int, window: int, scale: float, smax: Tensor, smin: Tensor, ssum: Tensor,
+            workspace: Tensor | None, capacity: int) -> tuple[Any, Tensor, Tensor]:
+    """The buffers of one :func:`topk_split` call and a function launching its phase 1 or
+    2 (scripts time them one by one). The token positions ``[B, Hkv, capacity * page_size]``
+    and counts ``[B, Hkv]`` of the best pages (the contract of
+    :func:`nucleus_attn.ops.pages.topk_pages_reference`, ties by page order).
+    ``smax``/``smin``/``ssum`` are ``[B, Hq, CS]`` per-chunk statistics of ``bounds *
+    scale``; ``workspace`` is ``B * Hkv * WORKSPACE_PER_ROW`` zeroed int32 (allocated when
+    None)."""
     b, hq, p = bounds.shape
     hkv = num_kv_heads
     group = hq // hkv
@@ -306,7 +349,8 @@ def topk_split(bounds: Tensor, num_kv_heads: int, span: KeySpan, page_size: int,
     if workspace is None:
         workspace = torch.zeros(rows * WORKSPACE_PER_ROW, dtype=torch.int32, device=dev)
     cs = smax.shape[-1]
-    for phase in (1, 2):
+
+    def launch(phase: int) -> None:
         _topk_split_kernel[(rows, c)](
             bounds, smax, smin, ssum, span.starts, span.ends, workspace, scratch, out, counts,
             hkv, p, min(k, p), cs, capt, float(scale), int(sink), int(window),
@@ -317,4 +361,5 @@ def topk_split(bounds: Tensor, num_kv_heads: int, span: KeySpan, page_size: int,
             PAGE_T=next_pow2(page_size), WB=min(t, max(1, 2048 // next_pow2(page_size))),
             ZB=1024, PHASE=phase, num_warps=warps,
         )
-    return out, counts
+    launch.workspace, launch.scratch, launch.offsets = workspace, scratch, offs  # type: ignore
+    return launch, out, counts

@@ -456,7 +456,7 @@ def topp_select(
             hkv = indices.shape[1]
             live = torch.arange(m, device=logits.device) < counts.repeat_interleave(
                 hq // hkv, dim=1)[..., None]
-            x, smax, ssum, ws = _split_inputs(logits, stats, live, b * hkv)
+            x, smax, ssum, ws = _split_inputs(logits, stats, live, b * hkv, hq // hkv)
             return topp_split.topp_split(x, hkv, p, smax, ssum, ws, indices=indices,
                                          counts=counts, forced=forced, span=span, sink=sink,
                                          window=window)
@@ -466,15 +466,15 @@ def topp_select(
                                  window=window)
 
 
-def _split_inputs(logits: Tensor, stats: ScoreStats | None, live: Tensor,
-                  rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def _split_inputs(logits: Tensor, stats: ScoreStats | None, live: Tensor, rows: int,
+                  group: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """float32 contiguous logits, their per-chunk max and sum of exp (the producer's, or
     computed here over the live candidates) and the producer's zeroed workspace if any."""
     x = logits if logits.dtype == torch.float32 else logits.float()
     x = x.contiguous()
     if stats is None:
         stats = score_stats(torch.where(live, x, torch.full_like(x, float("-inf"))))
-    ws = stats.take_workspace(topp_split.workspace_numel(rows))
+    ws = stats.take_workspace(topp_split.workspace_numel(rows, group))
     return x, stats.max.contiguous(), stats.sumexp.contiguous(), ws
 
 
@@ -548,7 +548,8 @@ def topp_select_range(
     _check_stats(stats, logits)
     if use_triton(impl, logits) and p < 1.0 and topp_split.split_wanted(n):
         live = span.valid_mask()[:, None, :]
-        x, smax, ssum, ws = _split_inputs(logits, stats, live, b * num_kv_heads)
+        x, smax, ssum, ws = _split_inputs(logits, stats, live, b * num_kv_heads,
+                                          hq // num_kv_heads)
         return topp_split.topp_split(x, num_kv_heads, p, smax, ssum, ws, span=span, sink=sink,
                                      window=window)
     # short rows: the index-list path over the valid positions

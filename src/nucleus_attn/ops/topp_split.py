@@ -43,6 +43,8 @@ last ticket reads the others' writes with ``.cg`` loads. Nobody waits for anybod
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -69,15 +71,15 @@ TICKETS = 4  # int32 counters per row in the zeroed workspace (phases 1-3 use on
 
 # launch settings (chosen per shape by split_plan; tuned by scripts/tune_selection_kernels.py)
 MIN_CHUNK = 512
-MAX_CHUNK = 4096
+MAX_CHUNK = 1024  # ([G, T] tiles of a few tensors stay in registers at 8 warps)
 PROGRAMS_PER_SM = 2  # chunks per row are chosen to give about this many programs per SM
 SPLIT_MIN_M = 4096  # rows shorter than this take the one-program-per-row kernel
-SURVIVORS_IN_REGISTERS = 4096  # survivors of a row (all heads) bisected without reloading
+SURVIVORS_IN_REGISTERS = 2048  # survivors of a row (all heads) bisected without reloading
 # block sizes of the tails' loops (chunks per load, survivors per load, stats per load)
-TAIL_CHUNKS = 64
+TAIL_CHUNKS = 16
 PREFIX_CHUNKS = 1024
 UNION_BLOCK = 512
-STATS_BLOCK = 256
+STATS_BLOCK = 512
 
 
 def split_wanted(m: int) -> bool:
@@ -99,22 +101,25 @@ def split_plan(rows: int, m: int, device: torch.device) -> tuple[int, int]:
     t = max(MIN_CHUNK, min(MAX_CHUNK, t))
     if interpreting():
         t = min(t, next_pow2(max(m, 16)))
-    return t, 4 if t <= 2048 else 8
+    return t, 8
 
 
 @kernel(do_not_specialize=("CS", "C"))
 def _topp_split_kernel(
     x_ptr, smax_ptr, ssum_ptr, idx_ptr, counts_ptr, forced_ptr, starts_ptr, ends_ptr,
-    tick_ptr, sc_ptr, u8_ptr, sw_ptr, ss_ptr, kept_ptr, kept_counts_ptr,
+    ws_ptr, sc_ptr, u8_ptr, sw_ptr, ss_ptr, kept_ptr, kept_counts_ptr,
     stride_ib, stride_ih, stride_fb, stride_fh, HKV, M, CS, C, p, sink, window,
-    OFF_H1, OFF_T1, OFF_H2, OFF_T2, OFF_P1, OFF_P2, OFF_PAR, OFF_CNT, OFF_OFS, STATE_OFF,
+    OFF_T1, OFF_H2, OFF_P1, OFF_P2, OFF_SO, OFF_PAR, OFF_CNT, OFF_OFS, STATE_OFF,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, T: tl.constexpr, CSB: tl.constexpr,
     CB: tl.constexpr, CP: tl.constexpr, NB1: tl.constexpr, NB2: tl.constexpr,
     E: tl.constexpr, SREG: tl.constexpr, SU: tl.constexpr, PHASE: tl.constexpr,
     RANGE: tl.constexpr, HAS_FORCED: tl.constexpr, HAS_SPAN: tl.constexpr,
     EXACT_EXP: tl.constexpr,
 ):
-    # one program per (row = sequence x KV head, chunk of T candidates); see the module doc
+    # one program per (row = sequence x KV head, chunk of T candidates); see the module doc.
+    # The main parts go head by head over [T] tiles (few registers, so many programs per
+    # SM) with no branches (the heads' loads can overlap); the tails work on all heads at
+    # once ([BLOCK_G, ...] tiles: one load, one reduction for every head).
     # (while loops: the 3.6 interpreter cannot run range(runtime int))
     row = tl.program_id(0)
     c = tl.program_id(1)
@@ -124,8 +129,8 @@ def _topp_split_kernel(
     q0 = row64 * GROUP  # the row's first query head, b * Hq + h * GROUP
     g = tl.arange(0, BLOCK_G)
     mg = g < GROUP
-    e = tl.arange(0, E)
-    slot = c * T + tl.arange(0, T)
+    offs = tl.arange(0, T)
+    slot = c * T + offs
     inm = slot < M
     if RANGE:  # candidate j is position j, live inside the sequence's span
         start = tl.load(starts_ptr + b)
@@ -135,13 +140,12 @@ def _topp_split_kernel(
     else:
         n_live = tl.minimum(tl.load(counts_ptr + row), M).to(tl.int32)
         live = slot < n_live
-    par = sc_ptr + OFF_PAR + row64 * (GROUP * 16)
-    tick = tick_ptr + row64 * 4
-    crows = u8_ptr + q0 * M  # code bytes of the row's query heads
-    xrows = x_ptr + q0 * M
+    pv = sc_ptr + OFF_PAR + row64 * (GROUP * 16) + g * 16  # per-head parameters [BLOCK_G]
+    wsr = ws_ptr + row64 * (4 + GROUP * NB1)  # zeroed: 4 tickets, the coarse histograms
     state_row = u8_ptr + STATE_OFF + row64 * M
     cnt_row = sc_ptr + OFF_CNT + row64 * C
     sbase = row64 * (GROUP * M)  # the row's survivors list
+    pc = (row64 * C + c) * GROUP + g  # this chunk's per-head slots [BLOCK_G]
 
     if PHASE == 1:
         # the row's max and total per query head, from the producer's per-chunk stats
@@ -166,188 +170,185 @@ def _topp_split_kernel(
         lo0 = (1.0 - p) * z / tl.maximum(n_live, 1).to(tl.float32)
         l0 = tl.where(allk, float("inf"), m + tl.log(tl.maximum(lo0, 1e-30)) - 1e-3)
         s1 = NB1 / tl.where(allk, NB1, m - l0)
-        for j in tl.static_range(GROUP):
+        # phase 2 counts this chunk's fine bins into this slice: zero it first
+        nz = tl.arange(0, BLOCK_G * NB2)
+        tl.store(sc_ptr + OFF_H2 + (row64 * C + c) * (GROUP * NB2) + nz,
+                 tl.zeros([BLOCK_G * NB2], tl.int32), mask=nz < GROUP * NB2)
+        nb = tl.arange(0, NB1)
+        for j in tl.static_range(GROUP):  # (no branches: loads of all heads can overlap)
             mj = tl.sum(tl.where(g == j, m, 0.0), axis=0)
             l0j = tl.max(tl.where(g == j, l0, float("-inf")), axis=0)
             s1j = tl.sum(tl.where(g == j, s1, 0.0), axis=0)
-            x = tl.load(xrows + j * M + slot, mask=live, other=float("-inf"))
+            x = tl.load(x_ptr + (q0 + j) * M + slot, mask=live, other=float("-inf"))
             binned = live & (x >= l0j)
-            d1 = (mj - x) * s1j
-            b1 = tl.minimum(tl.maximum(d1, 0.0), NB1 - 1.0).to(tl.int32)
+            b1 = tl.minimum(tl.maximum((mj - x) * s1j, 0.0), NB1 - 1.0).to(tl.int32)
             b1 = tl.where(binned, b1, 0)
-            tl.store(crows + j * M + slot, tl.where(binned, b1, 255).to(tl.uint8), mask=inm)
+            tl.store(u8_ptr + (q0 + j) * M + slot, tl.where(binned, b1, 255).to(tl.uint8),
+                     mask=inm)
             hist = tl.histogram(b1, NB1, mask=binned)
-            tl.store(sc_ptr + OFF_H1 + ((row64 * C + c) * GROUP + j) * NB1 + tl.arange(0, NB1),
-                     hist)
-            top = binned & (b1 < E)
-            tm = tl.zeros([E], tl.float32)
-            if tl.sum(top.to(tl.int32), axis=0) > 0:
-                w = libdevice.exp(x - mj) if EXACT_EXP else tl.exp(x - mj)
-                for k in tl.static_range(E):
-                    tm = tl.where(e == k, tl.sum(tl.where(top & (b1 == k), w, 0.0), axis=0), tm)
-            tl.store(sc_ptr + OFF_T1 + ((row64 * C + c) * GROUP + j) * E + e,
-                     tm.to(tl.int32, bitcast=True))
+            tl.atomic_add(wsr + 4 + j * NB1 + nb, hist, mask=hist > 0)
+            # the exact mass of the top E bins (a few heavy items, such as sinks, there)
+            w = libdevice.exp(x - mj) if EXACT_EXP else tl.exp(x - mj)
+            tm = tl.sum(tl.where(binned & (b1 < E), w, 0.0), axis=0)
+            tl.store(sc_ptr + OFF_T1 + (row64 * C + c) * GROUP + j, tm.to(tl.int32, bitcast=True))
         tl.debug_barrier()  # every thread's writes happen before the ticket (release)
-        if tl.atomic_add(tick, 1) == C - 1:  # the row's last program: bracket per head
-            nb = tl.arange(0, NB1)
-            for j in tl.static_range(GROUP):
-                mj = tl.sum(tl.where(g == j, m, 0.0), axis=0)
-                zj = tl.sum(tl.where(g == j, z, 0.0), axis=0)
-                l0j = tl.max(tl.where(g == j, l0, float("-inf")), axis=0)
-                s1j = tl.sum(tl.where(g == j, s1, 0.0), axis=0)
-                allj = tl.sum(tl.where(g == j, allk.to(tl.int32), 0), axis=0)
-                tot = tl.zeros([NB1], tl.int32)
-                tmass = tl.zeros([E], tl.float32)
-                c0 = 0
-                while c0 < C:
-                    ch = c0 + tl.arange(0, CB)
-                    mc = (ch < C)[:, None]
-                    hb = ((row64 * C + ch[:, None]) * GROUP + j)
-                    tot += tl.sum(tl.load(sc_ptr + OFF_H1 + hb * NB1 + nb[None, :], mask=mc,
-                                          other=0, cache_modifier=".cg"), axis=0)
-                    tt = tl.load(sc_ptr + OFF_T1 + hb * E + e[None, :], mask=mc, other=0,
-                                 cache_modifier=".cg")
-                    tmass += tl.sum(tt.to(tl.float32, bitcast=True), axis=0)
-                    c0 += CB
-                fb = nb.to(tl.float32)
-                up = tl.exp(-fb / s1j) * (1.0 + EDGE)
-                lo = tl.exp(-(fb + 1.0) / s1j) * (1.0 - EDGE)
-                exact = tl.sum(tl.where(nb[:, None] == e[None, :], tmass[None, :], 0.0), axis=1)
-                cnt = tot.to(tl.float32)
-                a_hi = tl.cumsum(tl.where(nb < E, exact * (1.0 + EDGE), cnt * up), axis=0)
-                a_lo = tl.cumsum(tl.where(nb < E, exact * (1.0 - EDGE), cnt * lo), axis=0)
-                target = p * zj
-                bl = tl.minimum(tl.sum((a_lo < target * (1.0 + CROSS)).to(tl.int32), axis=0),
-                                NB1 - 1)
-                bf = tl.minimum(tl.sum((a_hi < target * (1.0 - CROSS)).to(tl.int32), axis=0), bl)
-                pj = par + j * 16
-                tl.store(pj + P_M, mj.to(tl.int32, bitcast=True))
-                tl.store(pj + P_Z, zj.to(tl.int32, bitcast=True))
-                tl.store(pj + P_L0, l0j.to(tl.int32, bitcast=True))
-                tl.store(pj + P_S1, s1j.to(tl.int32, bitcast=True))
-                tl.store(pj + P_BF, bf)
-                tl.store(pj + P_BL, bl)
-                s2 = NB2 / (bl + 1 - bf).to(tl.float32)
-                tl.store(pj + P_S2, s2.to(tl.int32, bitcast=True))
-                tl.store(pj + P_ALL, allj)
+        if tl.atomic_add(wsr, 1) == C - 1:  # the row's last program: coarse brackets
+            hb = tl.load(wsr + 4 + g[:, None] * NB1 + nb[None, :], mask=mg[:, None], other=0,
+                         cache_modifier=".cg")
+            tmass = tl.zeros([BLOCK_G], tl.float32)
+            c0 = 0
+            while c0 < C:
+                ch = c0 + tl.arange(0, CB)
+                tt = tl.load(sc_ptr + OFF_T1 + (row64 * C + ch[:, None]) * GROUP + g[None, :],
+                             mask=(ch < C)[:, None] & mg[None, :], other=0, cache_modifier=".cg")
+                tmass += tl.sum(tt.to(tl.float32, bitcast=True), axis=0)
+                c0 += CB
+            fb = nb.to(tl.float32)[None, :]
+            up = tl.exp(-fb / s1[:, None]) * (1.0 + EDGE)
+            lo = tl.exp(-(fb + 1.0) / s1[:, None]) * (1.0 - EDGE)
+            cnt = hb.to(tl.float32)
+            c_hi = tl.cumsum(cnt * up, axis=1)
+            c_lo = tl.cumsum(cnt * lo, axis=1)
+            # the top E bins' total is exact: the bounds from there on start from it, and
+            # those inside it cannot pass it
+            t_hi = (tmass * (1.0 + EDGE))[:, None]
+            t_lo = (tmass * (1.0 - EDGE))[:, None]
+            at = (nb == E - 1)[None, :]
+            h_at = tl.sum(tl.where(at, c_hi, 0.0), axis=1)[:, None]
+            l_at = tl.sum(tl.where(at, c_lo, 0.0), axis=1)[:, None]
+            past = (nb >= E - 1)[None, :]
+            a_hi = tl.where(past, t_hi + c_hi - h_at, tl.minimum(c_hi, t_hi))
+            a_lo = tl.where(past, t_lo + c_lo - l_at, c_lo)
+            target = (p * z)[:, None]
+            bl = tl.minimum(tl.sum((a_lo < target * (1.0 + CROSS)).to(tl.int32), axis=1),
+                            NB1 - 1)
+            bf = tl.minimum(tl.sum((a_hi < target * (1.0 - CROSS)).to(tl.int32), axis=1), bl)
+            tl.store(pv + P_M, m.to(tl.int32, bitcast=True), mask=mg)
+            tl.store(pv + P_Z, z.to(tl.int32, bitcast=True), mask=mg)
+            tl.store(pv + P_L0, l0.to(tl.int32, bitcast=True), mask=mg)
+            tl.store(pv + P_S1, s1.to(tl.int32, bitcast=True), mask=mg)
+            tl.store(pv + P_BF, bf, mask=mg)
+            tl.store(pv + P_BL, bl, mask=mg)
+            s2 = NB2 / (bl + 1 - bf).to(tl.float32)
+            tl.store(pv + P_S2, s2.to(tl.int32, bitcast=True), mask=mg)
+            tl.store(pv + P_ALL, allk.to(tl.int32), mask=mg)
 
     if PHASE == 2:
-        for j in tl.static_range(GROUP):
-            pj = par + j * 16
-            mj = tl.load(pj + P_M).to(tl.float32, bitcast=True)
-            s1j = tl.load(pj + P_S1).to(tl.float32, bitcast=True)
-            s2j = tl.load(pj + P_S2).to(tl.float32, bitcast=True)
-            bfj = tl.load(pj + P_BF)
-            blj = tl.load(pj + P_BL)
-            code = tl.load(crows + j * M + slot, mask=inm, other=255).to(tl.int32)
+        m = tl.load(pv + P_M, mask=mg, other=0).to(tl.float32, bitcast=True)
+        s1 = tl.load(pv + P_S1, mask=mg, other=0).to(tl.float32, bitcast=True)
+        s2 = tl.load(pv + P_S2, mask=mg, other=0).to(tl.float32, bitcast=True)
+        bf = tl.load(pv + P_BF, mask=mg, other=0)
+        bl = tl.load(pv + P_BL, mask=mg, other=-1)
+        pa = tl.zeros([BLOCK_G], tl.float32)
+        for j in tl.static_range(GROUP):  # head by head: [T] tiles keep registers few
+            mj = tl.sum(tl.where(g == j, m, 0.0), axis=0)
+            s1j = tl.sum(tl.where(g == j, s1, 0.0), axis=0)
+            s2j = tl.sum(tl.where(g == j, s2, 0.0), axis=0)
+            bfj = tl.sum(tl.where(g == j, bf, 0), axis=0)
+            blj = tl.sum(tl.where(g == j, bl, 0), axis=0)
+            code = tl.load(u8_ptr + (q0 + j) * M + slot, mask=inm, other=255).to(tl.int32)
             binned = code < 255
             above = binned & (code < bfj)
             inb = binned & (code >= bfj) & (code <= blj)
-            x = tl.load(xrows + j * M + slot, mask=above | inb, other=0.0)
+            x = tl.load(x_ptr + (q0 + j) * M + slot, mask=above | inb, other=0.0)
             d = ((mj - x) * s1j - bfj.to(tl.float32)) * s2j
-            f = tl.minimum(tl.maximum(d, 0.0), NB2 - 1.0).to(tl.int32)
-            f = tl.where(inb, f, 0)
-            tl.store(crows + j * M + slot, (128 + f).to(tl.uint8), mask=inb)
-            hist = tl.histogram(f, NB2, mask=inb)
-            tl.store(sc_ptr + OFF_H2 + ((row64 * C + c) * GROUP + j) * NB2 + tl.arange(0, NB2),
-                     hist)
-            pa = tl.sum(tl.zeros([E], tl.float32), axis=0)
-            tm = tl.zeros([E], tl.float32)
-            top = inb & (f < E)
-            if tl.sum((above | top).to(tl.int32), axis=0) > 0:
-                w = libdevice.exp(x - mj) if EXACT_EXP else tl.exp(x - mj)
-                pa = tl.sum(tl.where(above, w, 0.0), axis=0)
-                for k in tl.static_range(E):
-                    tm = tl.where(e == k, tl.sum(tl.where(top & (f == k), w, 0.0), axis=0), tm)
-            tl.store(sc_ptr + OFF_P1 + (row64 * C + c) * GROUP + j, pa.to(tl.int32, bitcast=True))
-            tl.store(sc_ptr + OFF_T2 + ((row64 * C + c) * GROUP + j) * E + e,
-                     tm.to(tl.int32, bitcast=True))
+            f = tl.where(inb, tl.minimum(tl.maximum(d, 0.0), NB2 - 1.0).to(tl.int32), 0)
+            tl.store(u8_ptr + (q0 + j) * M + slot, (128 + f).to(tl.uint8), mask=inb)
+            # the bracketed items (a few per cent of the row) count into this chunk's bins
+            tl.atomic_add(sc_ptr + OFF_H2 + ((row64 * C + c) * GROUP + j) * NB2 + f,
+                          tl.full([T], 1, tl.int32), mask=inb)
+            w = libdevice.exp(x - mj) if EXACT_EXP else tl.exp(x - mj)
+            pa = tl.where(g == j, tl.sum(tl.where(above, w, 0.0), axis=0), pa)
+        tl.store(sc_ptr + OFF_P1 + pc, pa.to(tl.int32, bitcast=True), mask=mg)
         tl.debug_barrier()
-        if tl.atomic_add(tick + 1, 1) == C - 1:  # the row's last program: fine brackets
+        if tl.atomic_add(wsr + 1, 1) == C - 1:  # the row's last program: fine brackets
             nf = tl.arange(0, NB2)
-            base = tl.sum(tl.zeros([E], tl.int32), axis=0)
-            for j in tl.static_range(GROUP):
-                pj = par + j * 16
-                zj = tl.load(pj + P_Z).to(tl.float32, bitcast=True)
-                s1j = tl.load(pj + P_S1).to(tl.float32, bitcast=True)
-                s2j = tl.load(pj + P_S2).to(tl.float32, bitcast=True)
-                bff = tl.load(pj + P_BF).to(tl.float32)
-                tot = tl.zeros([NB2], tl.int32)
-                tmass = tl.zeros([E], tl.float32)
-                abv = tl.zeros([CB], tl.float32)
-                c0 = 0
-                while c0 < C:
-                    ch = c0 + tl.arange(0, CB)
-                    mc = ch < C
-                    hb = ((row64 * C + ch) * GROUP + j)
-                    tot += tl.sum(tl.load(sc_ptr + OFF_H2 + hb[:, None] * NB2 + nf[None, :],
-                                          mask=mc[:, None], other=0, cache_modifier=".cg"),
-                                  axis=0)
-                    tt = tl.load(sc_ptr + OFF_T2 + hb[:, None] * E + e[None, :],
-                                 mask=mc[:, None], other=0, cache_modifier=".cg")
-                    tmass += tl.sum(tt.to(tl.float32, bitcast=True), axis=0)
-                    part = tl.load(sc_ptr + OFF_P1 + hb, mask=mc, other=0, cache_modifier=".cg")
-                    abv += part.to(tl.float32, bitcast=True)
-                    c0 += CB
-                above1 = tl.sum(abv, axis=0)
-                ff = nf.to(tl.float32)
-                up = tl.exp(-(bff + ff / s2j) / s1j) * (1.0 + EDGE)
-                lo = tl.exp(-(bff + (ff + 1.0) / s2j) / s1j) * (1.0 - EDGE)
-                exact = tl.sum(tl.where(nf[:, None] == e[None, :], tmass[None, :], 0.0), axis=1)
-                cnt = tot.to(tl.float32)
-                a_hi = above1 + tl.cumsum(tl.where(nf < E, exact * (1.0 + EDGE), cnt * up), axis=0)
-                a_lo = above1 + tl.cumsum(tl.where(nf < E, exact * (1.0 - EDGE), cnt * lo), axis=0)
-                target = p * zj
-                fl = tl.minimum(tl.sum((a_lo < target * (1.0 + CROSS)).to(tl.int32), axis=0),
-                                NB2 - 1)
-                fr = tl.minimum(tl.sum((a_hi < target * (1.0 - CROSS)).to(tl.int32), axis=0), fl)
-                n_surv = tl.sum(tl.where((nf >= fr) & (nf <= fl), tot, 0), axis=0)
-                # bisection bounds: below the fine bracket's lower edge, above its upper edge
-                loe = tl.exp(-(bff + (fl + 1).to(tl.float32) / s2j) / s1j) * 0.999
-                hie = tl.exp(-(bff + fr.to(tl.float32) / s2j) / s1j) * 1.001
-                tl.store(pj + P_FF, fr)
-                tl.store(pj + P_FL, fl)
-                tl.store(pj + P_ABOVE, above1.to(tl.int32, bitcast=True))
-                tl.store(pj + P_BASE, base)
-                tl.store(pj + P_CNT, n_surv)
-                tl.store(pj + P_LOE, loe.to(tl.int32, bitcast=True))
-                tl.store(pj + P_HIE, hie.to(tl.int32, bitcast=True))
-                base += n_surv
+            tot = tl.zeros([BLOCK_G, NB2], tl.int32)
+            abv = tl.zeros([BLOCK_G], tl.float32)
+            hoff = (g[None, :, None] * NB2 + nf[None, None, :])
+            c0 = 0
+            while c0 < C:
+                ch = c0 + tl.arange(0, CB)
+                mc = ch < C
+                hh = tl.load(sc_ptr + OFF_H2 + (row64 * C + ch[:, None, None]) * (GROUP * NB2)
+                             + hoff, mask=mc[:, None, None] & mg[None, :, None], other=0,
+                             cache_modifier=".cg")
+                tot += tl.sum(hh, axis=0)
+                pp = tl.load(sc_ptr + OFF_P1 + (row64 * C + ch[:, None]) * GROUP + g[None, :],
+                             mask=mc[:, None] & mg[None, :], other=0, cache_modifier=".cg")
+                abv += tl.sum(pp.to(tl.float32, bitcast=True), axis=0)
+                c0 += CB
+            z = tl.load(pv + P_Z, mask=mg, other=0).to(tl.float32, bitcast=True)
+            bff = bf.to(tl.float32)[:, None]
+            ff = nf.to(tl.float32)[None, :]
+            up = tl.exp(-(bff + ff / s2[:, None]) / s1[:, None]) * (1.0 + EDGE)
+            lo = tl.exp(-(bff + (ff + 1.0) / s2[:, None]) / s1[:, None]) * (1.0 - EDGE)
+            cnt = tot.to(tl.float32)
+            a_hi = abv[:, None] + tl.cumsum(cnt * up, axis=1)
+            a_lo = abv[:, None] + tl.cumsum(cnt * lo, axis=1)
+            target = (p * z)[:, None]
+            fl = tl.minimum(tl.sum((a_lo < target * (1.0 + CROSS)).to(tl.int32), axis=1), NB2 - 1)
+            fr = tl.minimum(tl.sum((a_hi < target * (1.0 - CROSS)).to(tl.int32), axis=1), fl)
+            band = (nf[None, :] >= fr[:, None]) & (nf[None, :] <= fl[:, None])
+            n_surv = tl.where(mg, tl.sum(tl.where(band, tot, 0), axis=1), 0)
+            base = tl.cumsum(n_surv, axis=0) - n_surv
+            # each chunk's survivors of head j start after the earlier chunks' (phase 3)
+            run = base
+            c0 = 0
+            while c0 < C:
+                ch = c0 + tl.arange(0, CB)
+                mc = ch < C
+                hh = tl.load(sc_ptr + OFF_H2 + (row64 * C + ch[:, None, None]) * (GROUP * NB2)
+                             + hoff, mask=mc[:, None, None] & band[None, :, :], other=0,
+                             cache_modifier=".cg")
+                per = tl.sum(hh, axis=2)  # [CB, BLOCK_G]
+                tl.store(sc_ptr + OFF_SO + (row64 * C + ch[:, None]) * GROUP + g[None, :],
+                         run[None, :] + tl.cumsum(per, axis=0) - per,
+                         mask=mc[:, None] & mg[None, :])
+                run += tl.sum(per, axis=0)
+                c0 += CB
+            loe = tl.exp(-(bf.to(tl.float32) + (fl + 1).to(tl.float32) / s2) / s1) * 0.999
+            hie = tl.exp(-(bf.to(tl.float32) + fr.to(tl.float32) / s2) / s1) * 1.001
+            tl.store(pv + P_FF, fr, mask=mg)
+            tl.store(pv + P_FL, fl, mask=mg)
+            tl.store(pv + P_ABOVE, abv.to(tl.int32, bitcast=True), mask=mg)
+            tl.store(pv + P_BASE, base, mask=mg)
+            tl.store(pv + P_CNT, n_surv, mask=mg)
+            tl.store(pv + P_LOE, loe.to(tl.int32, bitcast=True), mask=mg)
+            tl.store(pv + P_HIE, hie.to(tl.int32, bitcast=True), mask=mg)
 
     if PHASE == 3:
+        m = tl.load(pv + P_M, mask=mg, other=0).to(tl.float32, bitcast=True)
+        bf = tl.load(pv + P_BF, mask=mg, other=0)
+        fr = tl.load(pv + P_FF, mask=mg, other=0)
+        fl = tl.load(pv + P_FL, mask=mg, other=-1)
+        allk = tl.load(pv + P_ALL, mask=mg, other=0)
+        so = tl.load(sc_ptr + OFF_SO + pc, mask=mg, other=0)
         sure = slot < 0
         unsure = slot < 0
-        nf = tl.arange(0, NB2)
-        for j in tl.static_range(GROUP):
-            pj = par + j * 16
-            mj = tl.load(pj + P_M).to(tl.float32, bitcast=True)
-            bfj = tl.load(pj + P_BF)
-            frj = tl.load(pj + P_FF)
-            flj = tl.load(pj + P_FL)
-            code = tl.load(crows + j * M + slot, mask=inm, other=255).to(tl.int32)
+        pa = tl.zeros([BLOCK_G], tl.float32)
+        for j in tl.static_range(GROUP):  # head by head: [T] tiles keep registers few
+            mj = tl.sum(tl.where(g == j, m, 0.0), axis=0)
+            bfj = tl.sum(tl.where(g == j, bf, 0), axis=0)
+            frj = tl.sum(tl.where(g == j, fr, 0), axis=0)
+            flj = tl.sum(tl.where(g == j, fl, 0), axis=0)
+            code = tl.load(u8_ptr + (q0 + j) * M + slot, mask=inm, other=255).to(tl.int32)
             fine = (code >= 128) & (code < 255)
             f = code - 128
             above_f = fine & (f < frj)
             surv = fine & (f >= frj) & (f <= flj)
-            sure = sure | (code < bfj) | above_f | (live & (tl.load(pj + P_ALL) != 0))
+            sure = sure | (code < bfj) | above_f
             unsure = unsure | surv
-            x = tl.load(xrows + j * M + slot, mask=above_f | surv, other=0.0)
+            x = tl.load(x_ptr + (q0 + j) * M + slot, mask=above_f | surv, other=0.0)
             w = libdevice.exp(x - mj) if EXACT_EXP else tl.exp(x - mj)
-            tl.store(sc_ptr + OFF_P2 + (row64 * C + c) * GROUP + j,
-                     tl.sum(tl.where(above_f, w, 0.0), axis=0).to(tl.int32, bitcast=True))
-            # this chunk's survivors of head j follow those of the chunks before it
-            before = tl.sum(tl.zeros([CB], tl.int32), axis=0)
-            c0 = 0
-            while c0 < c:
-                cc = c0 + tl.arange(0, CB)
-                hm = (cc < c)[:, None] & ((nf >= frj) & (nf <= flj))[None, :]
-                hb = ((row64 * C + cc) * GROUP + j)
-                before += tl.sum(tl.sum(tl.load(sc_ptr + OFF_H2 + hb[:, None] * NB2 + nf[None, :],
-                                                mask=hm, other=0), axis=1), axis=0)
-                c0 += CB
-            dst = tl.load(pj + P_BASE) + before + tl.cumsum(surv.to(tl.int32), axis=0) - 1
+            pa = tl.where(g == j, tl.sum(tl.where(above_f, w, 0.0), axis=0), pa)
+            # survivors of head j: after the earlier chunks' (offsets from phase 2), in order
+            dst = (tl.sum(tl.where(g == j, so, 0), axis=0) + tl.cumsum(surv.to(tl.int32), axis=0)
+                   - 1)
             tl.store(sw_ptr + sbase + dst, w, mask=surv)
             tl.store(ss_ptr + sbase + dst, slot, mask=surv)
+        tl.store(sc_ptr + OFF_P2 + pc, pa.to(tl.int32, bitcast=True), mask=mg)
+        sure = sure | (live & (tl.max(allk, axis=0) != 0))
         if HAS_FORCED:
             fbase = forced_ptr + b.to(tl.int64) * stride_fb + h.to(tl.int64) * stride_fh
             sure = sure | (tl.load(fbase + slot, mask=live, other=0) != 0)
@@ -367,17 +368,16 @@ def _topp_split_kernel(
         tl.store(state_row + slot, state.to(tl.uint8), mask=inm)
         tl.store(cnt_row + c, tl.sum(sure.to(tl.int32), axis=0))
         tl.debug_barrier()
-        if tl.atomic_add(tick + 2, 1) == C - 1:  # the row's last program: thresholds, union
-            pv = par + g * 16
+        if tl.atomic_add(wsr + 2, 1) == C - 1:  # the row's last program: thresholds, union
             z = tl.load(pv + P_Z, mask=mg, other=0).to(tl.float32, bitcast=True)
             cnt = tl.load(pv + P_CNT, mask=mg, other=0)
             base = tl.load(pv + P_BASE, mask=mg, other=0)
             above = tl.load(pv + P_ABOVE, mask=mg, other=0).to(tl.float32, bitcast=True)
             c0 = 0
             while c0 < C:
-                cc = c0 + tl.arange(0, CB)
-                part = tl.load(sc_ptr + OFF_P2 + (row64 * C + cc[:, None]) * GROUP + g[None, :],
-                               mask=(cc < C)[:, None] & mg[None, :], other=0,
+                ch = c0 + tl.arange(0, CB)
+                part = tl.load(sc_ptr + OFF_P2 + (row64 * C + ch[:, None]) * GROUP + g[None, :],
+                               mask=(ch < C)[:, None] & mg[None, :], other=0,
                                cache_modifier=".cg")
                 above += tl.sum(part.to(tl.float32, bitcast=True), axis=0)
                 c0 += CB
@@ -388,9 +388,11 @@ def _topp_split_kernel(
             hi = tl.where(mg, hi, lo + 1)
             k = tl.arange(0, SREG)
             most = tl.max(cnt, axis=0)
-            if most <= SREG:  # all survivors in registers
-                msk = mg[:, None] & (k[None, :] < cnt[:, None])
+            msk = mg[:, None] & (k[None, :] < cnt[:, None])
+            if most <= SREG:  # all survivors in registers: bisect, then claim, no reloads
                 ws = tl.load(sw_ptr + sbase + base[:, None] + k[None, :], mask=msk, other=0.0,
+                             cache_modifier=".cg")
+                sv = tl.load(ss_ptr + sbase + base[:, None] + k[None, :], mask=msk, other=0,
                              cache_modifier=".cg")
                 while tl.max(hi - lo, axis=0) > 1:
                     mid = lo + (hi - lo) // 2
@@ -398,43 +400,52 @@ def _topp_split_kernel(
                     ok = above + tl.sum(tl.where(ws >= t[:, None], ws, 0.0), axis=1) >= target
                     lo = tl.where(ok, mid, lo)
                     hi = tl.where(ok, hi, mid)
-            else:  # streamed from the list once per step
+                thr = lo.to(tl.float32, bitcast=True)
+                kept = msk & (ws >= thr[:, None])
+                for j in tl.static_range(GROUP):  # the GQA union: one claim per slot
+                    kj = kept & (g == j)[:, None]
+                    st = tl.load(state_row + sv, mask=kj, other=0, cache_modifier=".cg")
+                    claim = kj & (st == 2)
+                    tl.store(state_row + sv, tl.full([BLOCK_G, SREG], 1, tl.uint8), mask=claim)
+                    tl.atomic_add(cnt_row + sv // T, tl.full([BLOCK_G, SREG], 1, tl.int32),
+                                  mask=claim)
+                    tl.debug_barrier()  # this head's claims are seen by the next head's loads
+            else:  # streamed from the list
                 while tl.max(hi - lo, axis=0) > 1:
                     mid = lo + (hi - lo) // 2
                     t = mid.to(tl.float32, bitcast=True)
                     acc = tl.zeros([BLOCK_G], tl.float32)
                     k0 = 0
                     while k0 < most:
-                        msk = mg[:, None] & ((k0 + k)[None, :] < cnt[:, None])
-                        ws = tl.load(sw_ptr + sbase + base[:, None] + k0 + k[None, :], mask=msk,
+                        mk = mg[:, None] & ((k0 + k)[None, :] < cnt[:, None])
+                        ws = tl.load(sw_ptr + sbase + base[:, None] + k0 + k[None, :], mask=mk,
                                      other=0.0, cache_modifier=".cg")
                         acc += tl.sum(tl.where(ws >= t[:, None], ws, 0.0), axis=1)
                         k0 += SREG
                     ok = above + acc >= target
                     lo = tl.where(ok, mid, lo)
                     hi = tl.where(ok, hi, mid)
-            thr = lo.to(tl.float32, bitcast=True)
-            tl.store(pv + P_T, lo, mask=mg)
-            # the GQA union: head by head, a kept survivor claims its slot if still undecided
-            ku = tl.arange(0, SU)
-            for j in tl.static_range(GROUP):
-                tj = tl.sum(tl.where(g == j, thr, 0.0), axis=0)
-                cj = tl.sum(tl.where(g == j, cnt, 0), axis=0)
-                bj = tl.sum(tl.where(g == j, base, 0), axis=0)
-                k0 = 0
-                while k0 < cj:
-                    mk = (k0 + ku) < cj
-                    wv = tl.load(sw_ptr + sbase + bj + k0 + ku, mask=mk, other=0.0,
-                                 cache_modifier=".cg")
-                    sv = tl.load(ss_ptr + sbase + bj + k0 + ku, mask=mk, other=0,
-                                 cache_modifier=".cg")
-                    kept = mk & (wv >= tj)
-                    st = tl.load(state_row + sv, mask=kept, other=0, cache_modifier=".cg")
-                    claim = kept & (st == 2)
-                    tl.store(state_row + sv, tl.full([SU], 1, tl.uint8), mask=claim)
-                    tl.atomic_add(cnt_row + sv // T, tl.full([SU], 1, tl.int32), mask=claim)
-                    k0 += SU
-                tl.debug_barrier()  # this head's claims are seen by the next head's loads
+                thr = lo.to(tl.float32, bitcast=True)
+                ku = tl.arange(0, SU)
+                for j in tl.static_range(GROUP):
+                    tj = tl.sum(tl.where(g == j, thr, 0.0), axis=0)
+                    cj = tl.sum(tl.where(g == j, cnt, 0), axis=0)
+                    bj = tl.sum(tl.where(g == j, base, 0), axis=0)
+                    k0 = 0
+                    while k0 < cj:
+                        mk = (k0 + ku) < cj
+                        wv = tl.load(sw_ptr + sbase + bj + k0 + ku, mask=mk, other=0.0,
+                                     cache_modifier=".cg")
+                        su = tl.load(ss_ptr + sbase + bj + k0 + ku, mask=mk, other=0,
+                                     cache_modifier=".cg")
+                        kj = mk & (wv >= tj)
+                        st = tl.load(state_row + su, mask=kj, other=0, cache_modifier=".cg")
+                        claim = kj & (st == 2)
+                        tl.store(state_row + su, tl.full([SU], 1, tl.uint8), mask=claim)
+                        tl.atomic_add(cnt_row + su // T, tl.full([SU], 1, tl.int32), mask=claim)
+                        k0 += SU
+                    tl.debug_barrier()
+            tl.store(pv + P_T, thr.to(tl.int32, bitcast=True), mask=mg)
             # each chunk's output offset: an exclusive prefix of the kept counts
             run = tl.sum(tl.zeros([CP], tl.int32), axis=0)
             c0 = 0
@@ -467,9 +478,10 @@ else:  # pragma: no cover
     libdevice = None
 
 
-def workspace_numel(rows: int) -> int:
-    """int32 counters the split kernel needs zeroed (a producer may zero them for it)."""
-    return rows * TICKETS
+def workspace_numel(rows: int, group: int) -> int:
+    """int32 the split kernel needs zeroed (a producer may zero them for it): per row, the
+    tickets and the coarse histograms of its ``group`` query heads."""
+    return rows * (TICKETS + group * NB1)
 
 
 def _pad16(n: int) -> int:
@@ -486,9 +498,25 @@ def topp_split(
     ``indices`` is None: candidate j is position j, live inside ``span``).
 
     ``smax``/``ssum`` are ``[B, Hq, CS]`` per-chunk statistics of the logits (any chunk
-    size), ``workspace`` ``workspace_numel(B * Hkv)`` zeroed int32 (allocated when None).
+    size), ``workspace`` ``workspace_numel(B * Hkv, Hq // Hkv)`` zeroed int32 (allocated
+    when None).
     Requires ``p < 1``.
     """
+    launch, kept, kept_counts = prepare(logits, num_kv_heads, p, smax, ssum, workspace,
+                                        indices=indices, counts=counts, forced=forced,
+                                        span=span, sink=sink, window=window)
+    for phase in (1, 2, 3, 4):
+        launch(phase)
+    return kept, kept_counts
+
+
+def prepare(
+    logits: Tensor, num_kv_heads: int, p: float, smax: Tensor, ssum: Tensor,
+    workspace: Tensor | None, *, indices: Tensor | None = None, counts: Tensor | None = None,
+    forced: Tensor | None = None, span: KeySpan | None = None, sink: int = 0, window: int = 0,
+) -> tuple[Callable[[int], None], Tensor, Tensor]:
+    """The buffers of one :func:`topp_split` call and a function launching phase 1..4 of it
+    (what :func:`topp_split` runs in order; scripts time the phases one by one)."""
     b, hq, m = logits.shape
     hkv = num_kv_heads
     group = hq // hkv
@@ -499,9 +527,9 @@ def topp_split(
     c = cdiv(m, t)
     cs = smax.shape[-1]
     block_g = next_pow2(group)
-    per_row = [("h1", c * group * NB1), ("t1", c * group * EXACT_BINS),
-               ("h2", c * group * NB2), ("t2", c * group * EXACT_BINS), ("p1", c * group),
-               ("p2", c * group), ("par", group * NPAR), ("cnt", c), ("ofs", c)]
+    per_row = [("t1", c * group), ("h2", c * group * NB2), ("p1", c * group),
+               ("p2", c * group), ("so", c * group), ("par", group * NPAR), ("cnt", c),
+               ("ofs", c)]
     offs: dict[str, int] = {}
     total = 0
     for name, size in per_row:
@@ -514,7 +542,7 @@ def topp_split(
     kept = torch.empty(b, hkv, m, dtype=torch.int64, device=dev)
     kept_counts = torch.empty(b, hkv, dtype=torch.int64, device=dev)
     if workspace is None:
-        workspace = torch.zeros(workspace_numel(rows), dtype=torch.int32, device=dev)
+        workspace = torch.zeros(workspace_numel(rows, group), dtype=torch.int32, device=dev)
     has_span = span is not None and bool(sink or window)
     if range_mode:
         idx, cnt, istr = kept_counts, kept_counts, (0, 0)
@@ -528,17 +556,19 @@ def topp_split(
     starts = span.starts if span is not None else kept_counts
     ends = span.ends if span is not None else kept_counts
     sreg = max(16, SURVIVORS_IN_REGISTERS // block_g)
-    for phase in (1, 2, 3, 4):
+
+    def launch(phase: int) -> None:
         _topp_split_kernel[(rows, c)](
             logits, smax, ssum, idx, cnt, forced if forced is not None else kept_counts,
             starts, ends, workspace, scratch, u8, surv_w, surv_s, kept, kept_counts,
             *istr, *fstr, hkv, m, cs, c, float(p), int(sink), int(window),
-            offs["h1"], offs["t1"], offs["h2"], offs["t2"], offs["p1"], offs["p2"],
-            offs["par"], offs["cnt"], offs["ofs"], rows * group * m,
+            offs["t1"], offs["h2"], offs["p1"], offs["p2"], offs["so"], offs["par"],
+            offs["cnt"], offs["ofs"], rows * group * m,
             GROUP=group, BLOCK_G=block_g, T=t, CSB=min(STATS_BLOCK, next_pow2(cs)),
             CB=min(TAIL_CHUNKS, next_pow2(c)), CP=min(PREFIX_CHUNKS, next_pow2(c)), NB1=NB1,
             NB2=NB2, E=EXACT_BINS, SREG=sreg, SU=UNION_BLOCK, PHASE=phase, RANGE=range_mode,
             HAS_FORCED=forced is not None, HAS_SPAN=has_span, EXACT_EXP=not interpreting(),
             num_warps=warps,
         )
-    return kept, kept_counts
+    launch.workspace, launch.scratch, launch.offsets = workspace, scratch, offs  # type: ignore
+    return launch, kept, kept_counts
