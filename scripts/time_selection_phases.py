@@ -83,14 +83,16 @@ def main() -> None:
         kw = {"indices": cand, "counts": ccnt} if mode == "index" else {}
         launch, kept, kc = topp_split.prepare(x, shape.hkv, 0.9, s_.max, s_.sumexp, None,
                                               span=span, sink=4, window=64, **kw)
-        ws = launch.workspace.view(rows, topp_split.TICKETS)
+        ws = launch.workspace.view(rows, -1)[:, :topp_split.TICKETS]
         print(f"topp {mode} N={n} B={b} M={x.shape[2]} "
               f"plan={topp_split.split_plan(rows, x.shape[2], DEV)}")
         phases(f"topp {mode}", launch, 4, ws)
         par = launch.scratch[launch.offsets["par"]:].view(-1)[:rows * 4 * 16].view(rows, 4, 16)
-        print(f"  survivors per head (first rows): {par[:4, :, topp_split.P_CNT].tolist()}")
-        print(f"  coarse brackets: {par[:2, :, topp_split.P_BF].tolist()} .. "
-              f"{par[:2, :, topp_split.P_BL].tolist()}; kept {kc.sum().item()}")
+        slot = {name: int(getattr(getattr(topp_split, name), "value", 0))
+                for name in ("P_CNT", "P_BF", "P_BL")}
+        print(f"  survivors per head (first rows): {par[:4, :, slot['P_CNT']].tolist()}")
+        print(f"  coarse brackets: {par[:2, :, slot['P_BF']].tolist()} .. "
+              f"{par[:2, :, slot['P_BL']].tolist()}; kept {kc.sum().item()}")
 
 
 if __name__ == "__main__":

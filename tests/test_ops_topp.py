@@ -101,7 +101,7 @@ def split_rows(monkeypatch):
     """Every row takes the split kernel, in chunks of 128 (several programs per row)."""
     from nucleus_attn.ops import topp_split
 
-    monkeypatch.setattr(topp_split, "SPLIT_MIN_M", 1)
+    monkeypatch.setattr(topp_split, "split_wanted", lambda *args, **kwargs: True)
     monkeypatch.setattr(topp_split, "MIN_CHUNK", 128)
     return topp_split
 

@@ -79,6 +79,15 @@ def test_int4_scores_stats(b, n, m):
     check_int4_stats(DEV, b, 8, 4, n, m, 128, torch.bfloat16, seed=n + b)
 
 
+@pytest.fixture
+def split_topp(monkeypatch):
+    """Long rows take the split top-p kernel even where the row kernel would be chosen."""
+    from nucleus_attn.ops import topp_split
+
+    monkeypatch.setattr(topp_split, "split_wanted", lambda m, *a, **k: m >= 4096)
+
+
+@pytest.mark.usefixtures("split_topp")
 @pytest.mark.parametrize("kind", ["randn", "sink", "ties", "flat", "neginf"])
 @pytest.mark.parametrize(("b", "m", "p", "forced"), [
     (8, 32800, 0.9, "span"), (1, 32800, 0.9, "span"), (8, 32800, 0.999, "mask"),
@@ -94,6 +103,7 @@ def test_topp_split_range(kind, b, n, p):
     check_topp_split(DEV, b, 8, 4, n, p, kind, seed=n + b, range_mode=True)
 
 
+@pytest.mark.usefixtures("split_topp")
 @pytest.mark.parametrize(("group", "m"), [(1, 40000), (3, 5000), (8, 17000)])
 @pytest.mark.parametrize("range_mode", [False, True])
 def test_topp_split_gqa_and_stats(group, m, range_mode):

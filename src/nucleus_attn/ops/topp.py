@@ -452,7 +452,7 @@ def topp_select(
                          f"{tuple(indices.shape)}")
     _check_stats(stats, logits)
     if use_triton(impl, logits, indices):
-        if p < 1.0 and topp_split.split_wanted(m):
+        if p < 1.0 and topp_split.split_wanted(m, b * hq, device=logits.device):
             hkv = indices.shape[1]
             live = torch.arange(m, device=logits.device) < counts.repeat_interleave(
                 hq // hkv, dim=1)[..., None]
@@ -546,7 +546,7 @@ def topp_select_range(
     if not 0.0 < p <= 1.0:
         raise ValueError(f"p={p} must be in (0, 1]; use p=1.0 to keep every candidate")
     _check_stats(stats, logits)
-    if use_triton(impl, logits) and p < 1.0 and topp_split.split_wanted(n):
+    if use_triton(impl, logits) and p < 1.0 and topp_split.split_wanted(n, range_mode=True):
         live = span.valid_mask()[:, None, :]
         x, smax, ssum, ws = _split_inputs(logits, stats, live, b * num_kv_heads,
                                           hq // num_kv_heads)

@@ -69,10 +69,12 @@ EDGE = _const(1e-5)  # relative widening of every bin edge (float rounding of bi
 CROSS = _const(1e-4)  # relative widening of the target mass when bracketing
 TICKETS = 4  # int32 counters per row in the zeroed workspace (phases 1-3 use one each)
 
-# launch settings (chosen per shape by split_plan; tuned by scripts/tune_selection_kernels.py)
+# launch settings (chosen per shape by split_plan; measured with
+# scripts/tune_selection_kernels.py on an H200, Llama-3-8B heads, 128k tokens: 4 warps and
+# chunks of 512-1024 were fastest at B=1 and B=8, in index and range mode)
 MIN_CHUNK = 512
-MAX_CHUNK = 1024  # ([G, T] tiles of a few tensors stay in registers at 8 warps)
-PROGRAMS_PER_SM = 2  # chunks per row are chosen to give about this many programs per SM
+MAX_CHUNK = 1024  # ([G, T] survivors and [T] tiles stay in registers at 4 warps)
+PROGRAMS_PER_SM = 4  # chunks per row are chosen to give about this many programs per SM
 SPLIT_MIN_M = 4096  # rows shorter than this take the one-program-per-row kernel
 SURVIVORS_IN_REGISTERS = 2048  # survivors of a row (all heads) bisected without reloading
 # block sizes of the tails' loops (chunks per load, survivors per load, stats per load)
@@ -82,14 +84,24 @@ UNION_BLOCK = 512
 STATS_BLOCK = 512
 
 
-def split_wanted(m: int) -> bool:
-    """Whether rows of ``m`` candidates take the split kernel.
+def split_wanted(m: int, query_rows: int | None = None, range_mode: bool = False,
+                 device: torch.device | None = None) -> bool:
+    """Whether rows of ``m`` candidates take the split kernel rather than the row kernel of
+    :mod:`~nucleus_attn.ops.topp` (one program per query head, bisection in registers).
 
-    Below ``SPLIT_MIN_M`` the row kernel of :mod:`~nucleus_attn.ops.topp` (one program per
-    query head, bisection in registers, 3 launches) has fewer launches than the split
-    path's 4 and rows short enough that one program is not latency-bound.
+    Below ``SPLIT_MIN_M`` a row is short enough for one program. Above it the split kernel
+    wins while the row kernel would leave SMs idle: measured on an H200 at 128k tokens
+    (index mode, 32k candidates), split 82 us vs row 115 us at B=1 (32 query-head rows),
+    row 235 us vs split 262 us at B=8 (256 rows); so index-list rows split when there are
+    at most as many query-head rows as SMs. Range mode always splits (its row path first
+    compacts the valid positions: 611 vs 170 us at B=1, 1641 vs 870 us at B=8).
     """
-    return m >= SPLIT_MIN_M
+    if m < SPLIT_MIN_M:
+        return False
+    if range_mode or query_rows is None:
+        return True
+    sms = num_sms(device) if device is not None else 132
+    return query_rows <= sms
 
 
 def split_plan(rows: int, m: int, device: torch.device) -> tuple[int, int]:
@@ -101,7 +113,7 @@ def split_plan(rows: int, m: int, device: torch.device) -> tuple[int, int]:
     t = max(MIN_CHUNK, min(MAX_CHUNK, t))
     if interpreting():
         t = min(t, next_pow2(max(m, 16)))
-    return t, 8
+    return t, 4
 
 
 @kernel(do_not_specialize=("CS", "C"))
