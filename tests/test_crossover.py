@@ -57,8 +57,8 @@ def test_rule_switches_at_the_stated_length(method):
 
 def test_default_table_applies_per_gpu_outside_diagnostics(monkeypatch):
     monkeypatch.setattr(crossover, "gpu_label", lambda device: "h200")
-    monkeypatch.setitem(crossover.DENSE_BELOW, "h200", {"quest": 301})
-    _, info, _ = _step("quest", 300)
+    monkeypatch.setitem(crossover.DENSE_BELOW, "h200", {"quest": {1: 301, 4: 2}})
+    _, info, _ = _step("quest", 300)  # B=2: the entry of batch 1
     assert info.indices is None, "below the table's length the step must be dense"
     _, info, _ = _step("quest", 301)
     assert info.indices is not None, "at the table's length the method must select"
@@ -73,13 +73,27 @@ def test_default_table_applies_per_gpu_outside_diagnostics(monkeypatch):
     assert info.indices is not None, "a GPU without an entry has no crossover"
 
 
-def test_table_and_lookup():
-    assert crossover.gpu_label(torch.device("cpu")) == "cpu"
-    assert crossover.default_dense_below("quest", torch.device("cpu")) == 0
+def test_table_and_lookup(monkeypatch):
+    cpu = torch.device("cpu")
+    assert crossover.gpu_label(cpu) == "cpu"
+    assert crossover.default_dense_below("quest", cpu) == 0
     for gpu, entry in crossover.DENSE_BELOW.items():
         assert gpu in crossover.KNOWN_GPUS
-        for method, n in entry.items():
-            assert method in methods() and isinstance(n, int) and n >= 0
+        for key, n in entry.items():
+            name, _, cond = key.partition(":")
+            assert name in methods(), key
+            if cond:  # a field of the method's config
+                assert cond.partition("=")[0] in vars(make_config(name)), key
+            for v in (n.values() if isinstance(n, dict) else [n]):
+                assert isinstance(v, int) and v >= 0
+    monkeypatch.setattr(crossover, "gpu_label", lambda device: "h200")
+    monkeypatch.setitem(crossover.DENSE_BELOW, "h200", {
+        "twilight": {1: 1000, 8: 100}, "twilight:base=dense": 5000})
+    tw, twd = make_config("twilight"), make_config("twilight", base="dense")
+    # a batch takes the largest listed batch at or below it; a field qualifier wins
+    assert [crossover.default_dense_below(tw, cpu, bb) for bb in (1, 7, 8, 32)] == [
+        1000, 1000, 100, 100]
+    assert crossover.default_dense_below(twd, cpu, 8) == 5000
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "4k"])

@@ -98,7 +98,7 @@ def decode_step(
     :mod:`nucleus_attn.crossover`) the step is dense attention: N is the cache length, a
     Python int, so the choice needs no host sync.
     """
-    if k.shape[2] < dense_below(cfg, q.device, diagnostics):
+    if k.shape[2] < dense_below(cfg, q.device, diagnostics, q.shape[0]):
         sel = Selection.everything(span, k.shape[1])
     else:
         sel = spec_of(cfg).select(q, k, state, span, cfg, scale)
