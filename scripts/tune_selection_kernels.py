@@ -5,11 +5,13 @@ length and batch it times, as CUDA graphs (``bench.kernels.time_call``):
 
 - ``page_scores`` with stats: pages per tile x tiles per program x warps;
 - ``topk_pages``: the split kernel's pages per program (power of two) against the
-  one-program-per-row kernel (sets ``topk_split.SPLIT_MIN_PAGES``);
+  one-program-per-row kernel (sets ``topk_split.SPLIT_MIN_PAGES``, ``SPLIT_MAX_ROWS``; add
+  the ``page_scores`` statistics' cost, the first section, to the split kernel's side);
 - ``int4_scores`` with stats: candidates per tile x warps (index mode) and tiles per
   program (range mode);
 - ``topp_select`` / ``topp_select_range``: the split kernel's chunk and warps against the
-  one-program-per-query-head kernel (sets ``topp_split.SPLIT_MIN_M``).
+  one-program-per-query-head kernel (sets ``topp_split.SPLIT_MIN_M`` and the rule in
+  ``topp_split.split_wanted``).
 
 Prints one line per setting (us per call, and TB/s where the bytes are known), marks the
 fastest per shape with ``*``, and writes the best settings as a markdown table. The
@@ -67,6 +69,8 @@ def tune_page_scores(b: int, n: int, out: list[dict]) -> None:
     q, _, span, kmin, kmax = page_inputs(b, n)
     nbytes = 2 * kmin.numel() * kmin.element_size() + b * SHAPE.hq * kmin.shape[2] * 4
     saved = (pg.SCORES_BLOCK_P, pg.SCORES_TILES, pg.SCORES_WARPS)
+    timed(f"page_scores N={n} B={b} (no stats)", lambda: ops.page_scores(
+        q, kmin, kmax, span, 16), nbytes, out, stats=False)
     for bp in (16, 32, 64):
         for tiles in (1, 2, 4, 8):
             for warps in (2, 4, 8):
@@ -88,15 +92,15 @@ def tune_topk(b: int, n: int, budget: float, out: list[dict]) -> None:
         fresh = ops.PageStats(st.chunk, st.scale, st.max, st.min, st.sumexp)
         return ops.topk_pages(bounds, SHAPE.hkv, span, 16, k_pages, 4, 64, SCALE, stats=fresh)
 
-    saved_plan, saved_min = topk_split.split_plan, topk_split.SPLIT_MIN_PAGES
-    topk_split.SPLIT_MIN_PAGES = 1 << 30
+    saved_plan, saved_wanted = topk_split.split_plan, topk_split.split_wanted
+    topk_split.split_wanted = lambda *args, **kwargs: False
     timed(label, call, nbytes, out, kernel="row")
-    topk_split.SPLIT_MIN_PAGES = 1
+    topk_split.split_wanted = lambda *args, **kwargs: True
     for t in (256, 512, 1024, 2048):
         for warps in (4, 8):
             topk_split.split_plan = lambda rows, p, dev, t=t, w=warps: (t, w)
             timed(label, call, nbytes, out, kernel="split", T=t, warps=warps)
-    topk_split.split_plan, topk_split.SPLIT_MIN_PAGES = saved_plan, saved_min
+    topk_split.split_plan, topk_split.split_wanted = saved_plan, saved_wanted
 
 
 def int4_inputs(b: int, n: int):
@@ -139,7 +143,7 @@ def tune_topp(b: int, n: int, out: list[dict]) -> None:
     est, st = ops.int4_scores(q, keys.codes, keys.scale, keys.zero, cand, ccnt, SCALE, stats=True)
     rng, rst = ops.int4_scores_range(q, keys.codes, keys.scale, keys.zero, span, SCALE,
                                      stats=True)
-    saved_plan, saved_min = topp_split.split_plan, topp_split.SPLIT_MIN_M
+    saved_plan, saved_wanted = topp_split.split_plan, topp_split.split_wanted
     for mode, x, stt in (("index", est, st), ("range", rng, rst)):
         label = f"topp_select {mode} N={n} B={b} M={x.shape[2]}"
         nbytes = x.numel() * 4 + (cand.numel() * 8 if mode == "index" else 0)
@@ -152,15 +156,15 @@ def tune_topp(b: int, n: int, out: list[dict]) -> None:
             return ops.topp_select_range(x, span, SHAPE.hkv, 0.9, sink=4, window=64,
                                          stats=fresh)
 
-        topp_split.SPLIT_MIN_M = 1 << 30
+        topp_split.split_wanted = lambda *args, **kwargs: False
         timed(label, call, nbytes, out, kernel="row")
-        topp_split.SPLIT_MIN_M = 1
-        for t in (512, 1024, 2048, 4096, 8192):
+        topp_split.split_wanted = lambda *args, **kwargs: True
+        for t in (256, 512, 1024, 2048):
             for warps in (4, 8):
                 topp_split.split_plan = lambda rows, m, dev, t=t, w=warps: (t, w)
                 timed(label, call, nbytes, out, kernel="split", T=t, warps=warps)
         topp_split.split_plan = saved_plan
-    topp_split.split_plan, topp_split.SPLIT_MIN_M = saved_plan, saved_min
+    topp_split.split_plan, topp_split.split_wanted = saved_plan, saved_wanted
 
 
 def best_table(rows: list[dict]) -> str:

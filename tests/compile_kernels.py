@@ -92,6 +92,9 @@ def main() -> int:
     ops.page_scores(q, kmin, kmin, span, 16, impl=t)
     ops.page_scores(q, kmin, kmin, span, 16, stats=True, scale=0.1, impl=t)
     ops.topk_pages(torch.randn(b, hkv * g, n // 16), hkv, span, 16, 2048, 4, 64, 0.1, impl=t)
+    wide = KeySpan.full(4 * b, n)  # more rows than the split kernel takes: the row kernel
+    ops.topk_pages(torch.randn(4 * b, hkv * g, n // 16), hkv, wide, 16, 2048, 4, 64, 0.1,
+                   impl=t)
     ops.quantize_int4(k, impl=t)
     m = n // 4
     codes, sc = torch.zeros(b, hkv, n, d // 2, dtype=torch.uint8), torch.zeros(b, hkv, n, dtype=bf)
@@ -100,6 +103,10 @@ def main() -> int:
     logits = torch.randn(b, hkv * g, m)
     ops.topp_select(logits, idx, cnt, 0.9, span=span, sink=4, window=64, impl=t)
     ops.topp_select(logits, idx, cnt, 0.9, torch.zeros(b, hkv, m, dtype=torch.bool), impl=t)
+    many = 8 * b  # more query-head rows than SMs: the one-program-per-row top-p kernels
+    ops.topp_select(torch.randn(many, hkv * g, m), idx[:1].expand(many, hkv, m),
+                    cnt[:1].expand(many, hkv), 0.9, span=KeySpan.full(many, n), sink=4,
+                    window=64, impl=t)
     est, st = ops.int4_scores(q, codes, sc, sc, idx, cnt, 0.1, stats=True, impl=t)
     ops.topp_select(est, idx, cnt, 0.9, span=span, sink=4, window=64, stats=st, impl=t)
     est, st = ops.int4_scores_range(q, codes, sc, sc, span, 0.1, stats=True, impl=t)

@@ -59,6 +59,15 @@ def test_page_scores_stats(b, group, pages, d):
     check_page_stats(DEV, b, 8, group, pages, d, torch.bfloat16, True, seed=pages + b)
 
 
+@pytest.fixture
+def split_topk(monkeypatch):
+    """Long rows take the split top-k kernel even where the row kernel would be chosen."""
+    from nucleus_attn.ops import topk_split
+
+    monkeypatch.setattr(topk_split, "split_wanted", lambda pages, *a, **k: pages >= 1024)
+
+
+@pytest.mark.usefixtures("split_topk")
 @pytest.mark.parametrize(("b", "n", "k_pages"), [(8, 131072, 82), (8, 131072, 2048),
                                                  (1, 131072, 2048), (8, 32768, 164),
                                                  (2, 1 << 20, 4096)])
@@ -67,6 +76,7 @@ def test_topk_pages_split(b, n, k_pages, ragged):
     check_topk_pages(DEV, b, 8, 4, n, 16, k_pages, 4, 64, ragged, seed=n + k_pages + b)
 
 
+@pytest.mark.usefixtures("split_topk")
 @pytest.mark.parametrize(("levels", "k_pages"), [(1, 82), (4, 2048), (300, 500)])
 def test_topk_pages_split_ties(levels, k_pages):
     check_topk_ties(DEV, 8, 8, 4, 131072, k_pages, levels, seed=levels)

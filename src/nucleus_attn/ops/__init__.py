@@ -17,6 +17,7 @@ from .pages import (
     page_valid,
     pages_to_tokens,
     topk_pages,
+    topk_pages_uses_stats,
 )
 from .quant import dequantize_int4, int4_scores, int4_scores_range, quantize_int4
 from .select import (
@@ -63,6 +64,7 @@ __all__ = [
     "score_stats",
     "sparse_attention",
     "topk_pages",
+    "topk_pages_uses_stats",
     "topp_select",
     "topp_select_range",
     "topp_threshold",

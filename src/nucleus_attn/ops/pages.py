@@ -23,7 +23,8 @@ from .select import compact, group_logsoftmax_max, keep_best, mask_to_indices
 MAX_ROW_PAGES = 1 << 16  # pages a row kernel keeps in registers (1M tokens at page 16)
 SCORES_BLOCK_P = 32  # pages per page_scores tile (tuned on an H100, d=128)
 SCORES_WARPS = 4
-SCORES_TILES = 4  # tiles per program when statistics are written: one chunk of the stats
+SCORES_TILES = 1  # tiles per program when statistics are written (one chunk of the stats):
+# 4 tiles (fewer, longer programs) made Quest 55 us slower at 128k x 8 on an H200
 STATS_CHUNK = 128  # pages per chunk of the reference's PageStats
 
 
@@ -293,6 +294,7 @@ def _page_scores_kernel(
         hi = tl.load(kmax_ptr + off, mask=m, other=0.0).to(tl.float32)
         first = offs_p.to(tl.int64) * PAGE
         alive = (first < end) & (first + PAGE > start)
+        xs = tl.full([BLOCK_G, BLOCK_P], float("-inf"), tl.float32)  # the heads' scaled bounds
         for j in range(GROUP):
             qh = h * GROUP + j
             qv = tl.load(q_ptr + b * stride_qb + qh * stride_qh + offs_d, mask=mask_d, other=0.0)
@@ -301,18 +303,16 @@ def _page_scores_kernel(
             s = tl.where(alive, s, float("-inf"))
             tl.store(out_ptr + (b.to(tl.int64) * hq + qh) * P + offs_p, s, mask=mask_p)
             if STATS:
-                x = s * scale
-                fin = alive & mask_p
-                tmax = tl.max(tl.where(fin, x, float("-inf")), axis=0)
-                tmin = tl.min(tl.where(fin, x, float("inf")), axis=0)
-                old = tl.sum(tl.where(g == j, smx, 0.0), axis=0)
-                new = tl.maximum(old, tmax)
-                ref = tl.where(new > float("-inf"), new, 0.0)
-                add = tl.sum(tl.where(fin, tl.exp(x - ref), 0.0), axis=0)
-                acc = tl.sum(tl.where(g == j, sse, 0.0), axis=0) * tl.exp(old - ref) + add
-                smx = tl.where(g == j, new, smx)
-                smn = tl.where(g == j, tl.minimum(smn, tmin), smn)
-                sse = tl.where(g == j, acc, sse)
+                x = tl.where(mask_p, s * scale, float("-inf"))
+                xs = tl.where((g == j)[:, None], x[None, :], xs)
+        if STATS:  # one reduction per statistic for all heads of the tile
+            fin = xs > float("-inf")
+            new = tl.maximum(smx, tl.max(xs, axis=1))
+            ref = tl.where(new > float("-inf"), new, 0.0)
+            add = tl.sum(tl.where(fin, tl.exp(xs - ref[:, None]), 0.0), axis=1)
+            sse = sse * tl.exp(smx - ref) + add
+            smx = new
+            smn = tl.minimum(smn, tl.min(tl.where(fin, xs, float("inf")), axis=1))
     if STATS:
         mg = g < GROUP
         srow = (b.to(tl.int64) * hq + h * GROUP + g) * CS + ct
@@ -604,7 +604,7 @@ def topk_pages(
                              f"{tuple(bounds.shape)} at scale {scale}; pass the stats that "
                              "page_scores(..., stats=True, scale=scale) returned with them")
     if use_triton(impl, bounds):
-        if topk_split.split_wanted(p):
+        if topk_split.split_wanted(p, b * num_kv_heads):
             if stats is None:
                 stats = page_stats_reference(bounds, scale)
             cap = topk_pages_capacity(p, page_size, k, sink, window)
@@ -615,6 +615,16 @@ def topk_pages(
                                          ws, cap)
         return topk_pages_triton(bounds, num_kv_heads, span, page_size, k, sink, window, scale)
     return topk_pages_reference(bounds, num_kv_heads, span, page_size, k, sink, window, scale)
+
+
+def topk_pages_uses_stats(pages: int, batch: int, num_kv_heads: int, device: torch.device,
+                          impl: str = "auto") -> bool:
+    """Whether :func:`topk_pages` on these rows starts from the bounds' :class:`PageStats`
+    (its split kernel does), i.e. whether ``page_scores`` should write them: a host-side
+    decision from the shapes, no sync."""
+    if not use_triton(impl, torch.empty(0, device=device)):
+        return False
+    return topk_split.split_wanted(pages, batch * num_kv_heads)
 
 
 # --- pages -> tokens ---------------------------------------------------------------------

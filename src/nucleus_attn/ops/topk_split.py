@@ -39,6 +39,7 @@ MIN_CHUNK = 256
 MAX_CHUNK = 2048
 PROGRAMS_PER_SM = 4
 SPLIT_MIN_PAGES = 1024  # rows of fewer pages keep the one-program-per-row kernel
+SPLIT_MAX_ROWS = 16  # more KV-head rows than this keep the row kernel (see split_wanted)
 SCAN = 4096  # keys the last program scans at once
 # block sizes of the last program's loops (boundary pages, chunk offsets, stats per load)
 LIST_BLOCK = 1024
@@ -47,11 +48,17 @@ STATS_BLOCK = 256
 WORKSPACE_PER_ROW = NBK + 4  # zeroed int32: histogram, forced count, ticket
 
 
-def split_wanted(pages: int) -> bool:
-    """Whether rows of ``pages`` pages take the split kernel: below ``SPLIT_MIN_PAGES`` a
-    row fits one program's registers (the row kernel of :mod:`~nucleus_attn.ops.pages`)
-    and is short enough not to leave the GPU waiting on it."""
-    return pages >= SPLIT_MIN_PAGES
+def split_wanted(pages: int, rows: int | None = None) -> bool:
+    """Whether ``rows`` KV-head rows of ``pages`` pages take the split kernel.
+
+    Below ``SPLIT_MIN_PAGES`` a row fits one program's registers (the row kernel of
+    :mod:`~nucleus_attn.ops.pages`) and is short enough not to leave the GPU waiting on it.
+    With many rows the row kernel fills the GPU by itself, and the split kernel's need for
+    the bounds' statistics costs page_scores more than it saves: on an H200 at 8192 pages
+    the split kernel took 34 us against 56 at 8 rows (B=1), 48 against 55 at 64 rows
+    (B=8), but page_scores with statistics took ~30 us longer at 64 rows.
+    """
+    return pages >= SPLIT_MIN_PAGES and (rows is None or rows <= SPLIT_MAX_ROWS)
 
 
 def split_plan(rows: int, pages: int, device: torch.device) -> tuple[int, int]:

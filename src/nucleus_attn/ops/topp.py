@@ -20,6 +20,7 @@ paths may settle on neighbouring weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -454,8 +455,10 @@ def topp_select(
     if use_triton(impl, logits, indices):
         if p < 1.0 and topp_split.split_wanted(m, b * hq, device=logits.device):
             hkv = indices.shape[1]
-            live = torch.arange(m, device=logits.device) < counts.repeat_interleave(
-                hq // hkv, dim=1)[..., None]
+
+            def live() -> Tensor:  # (only built when the stats must be computed here)
+                return torch.arange(m, device=logits.device) < counts.repeat_interleave(
+                    hq // hkv, dim=1)[..., None]
             x, smax, ssum, ws = _split_inputs(logits, stats, live, b * hkv, hq // hkv)
             return topp_split.topp_split(x, hkv, p, smax, ssum, ws, indices=indices,
                                          counts=counts, forced=forced, span=span, sink=sink,
@@ -466,14 +469,15 @@ def topp_select(
                                  window=window)
 
 
-def _split_inputs(logits: Tensor, stats: ScoreStats | None, live: Tensor, rows: int,
-                  group: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def _split_inputs(logits: Tensor, stats: ScoreStats | None, live: Callable[[], Tensor],
+                  rows: int, group: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """float32 contiguous logits, their per-chunk max and sum of exp (the producer's, or
-    computed here over the live candidates) and the producer's zeroed workspace if any."""
+    computed here over the live candidates, ``live()`` a ``[B, Hq or 1, M]`` mask) and the
+    producer's zeroed workspace if any."""
     x = logits if logits.dtype == torch.float32 else logits.float()
     x = x.contiguous()
     if stats is None:
-        stats = score_stats(torch.where(live, x, torch.full_like(x, float("-inf"))))
+        stats = score_stats(torch.where(live(), x, torch.full_like(x, float("-inf"))))
     ws = stats.take_workspace(topp_split.workspace_numel(rows, group))
     return x, stats.max.contiguous(), stats.sumexp.contiguous(), ws
 
@@ -547,8 +551,8 @@ def topp_select_range(
         raise ValueError(f"p={p} must be in (0, 1]; use p=1.0 to keep every candidate")
     _check_stats(stats, logits)
     if use_triton(impl, logits) and p < 1.0 and topp_split.split_wanted(n, range_mode=True):
-        live = span.valid_mask()[:, None, :]
-        x, smax, ssum, ws = _split_inputs(logits, stats, live, b * num_kv_heads,
+        x, smax, ssum, ws = _split_inputs(logits, stats, lambda: span.valid_mask()[:, None, :],
+                                          b * num_kv_heads,
                                           hq // num_kv_heads)
         return topp_split.topp_split(x, num_kv_heads, p, smax, ssum, ws, span=span, sink=sink,
                                      window=window)
