@@ -25,7 +25,16 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
 from nucleus_attn import ops  # noqa: E402
-from nucleus_attn.ops import _dispatch, attention, clusters, pages, quant, topp  # noqa: E402
+from nucleus_attn.ops import (  # noqa: E402
+    _dispatch,
+    attention,
+    clusters,
+    pages,
+    quant,
+    topk_split,
+    topp,
+    topp_split,
+)
 from nucleus_attn.span import KeySpan  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -72,6 +81,7 @@ def main() -> int:
     for module in (attention, clusters, pages, quant, topp):  # CPU tensors take the kernels
         module.use_triton = lambda impl, *tensors: impl != "torch"
     attention.num_sms = lambda device: 132  # an H100
+    topp_split.num_sms = topk_split.num_sms = lambda device: 132
     b, hkv, g, n, d = 2, 8, 4, 131072, 128
     bf = torch.bfloat16
     q, k = torch.randn(b, hkv * g, d, dtype=bf), torch.randn(b, hkv, n, d, dtype=bf)
@@ -80,7 +90,11 @@ def main() -> int:
     ops.page_minmax(k, span, 16, impl=t)
     kmin = torch.randn(b, hkv, n // 16, d, dtype=bf)
     ops.page_scores(q, kmin, kmin, span, 16, impl=t)
+    ops.page_scores(q, kmin, kmin, span, 16, stats=True, scale=0.1, impl=t)
     ops.topk_pages(torch.randn(b, hkv * g, n // 16), hkv, span, 16, 2048, 4, 64, 0.1, impl=t)
+    wide = KeySpan.full(4 * b, n)  # more rows than the split kernel takes: the row kernel
+    ops.topk_pages(torch.randn(4 * b, hkv * g, n // 16), hkv, wide, 16, 2048, 4, 64, 0.1,
+                   impl=t)
     ops.quantize_int4(k, impl=t)
     m = n // 4
     codes, sc = torch.zeros(b, hkv, n, d // 2, dtype=torch.uint8), torch.zeros(b, hkv, n, dtype=bf)
@@ -89,6 +103,14 @@ def main() -> int:
     logits = torch.randn(b, hkv * g, m)
     ops.topp_select(logits, idx, cnt, 0.9, span=span, sink=4, window=64, impl=t)
     ops.topp_select(logits, idx, cnt, 0.9, torch.zeros(b, hkv, m, dtype=torch.bool), impl=t)
+    many = 8 * b  # more query-head rows than SMs: the one-program-per-row top-p kernels
+    ops.topp_select(torch.randn(many, hkv * g, m), idx[:1].expand(many, hkv, m),
+                    cnt[:1].expand(many, hkv), 0.9, span=KeySpan.full(many, n), sink=4,
+                    window=64, impl=t)
+    est, st = ops.int4_scores(q, codes, sc, sc, idx, cnt, 0.1, stats=True, impl=t)
+    ops.topp_select(est, idx, cnt, 0.9, span=span, sink=4, window=64, stats=st, impl=t)
+    est, st = ops.int4_scores_range(q, codes, sc, sc, span, 0.1, stats=True, impl=t)
+    ops.topp_select_range(est, span, hkv, 0.9, sink=4, window=64, stats=st, impl=t)
     ops.topp_threshold(torch.rand(4, 4099), 0.9, impl=t)
     ops.gathered_scores(q, k, idx, cnt, 0.1, impl=t)
     for dtype in (bf, torch.float16, torch.float32):

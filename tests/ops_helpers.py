@@ -171,6 +171,59 @@ def check_topk_pages(device: str, b: int, hkv: int, group: int, n: int, page_siz
     assert not (kept & ((pos < lo) | (pos >= hi))).any(), "a padding position was kept"
 
 
+def check_page_stats(device: str, b: int, hkv: int, group: int, pages: int, d: int,
+                     dtype: torch.dtype, ragged: bool, seed: int) -> None:
+    """page_scores(stats=True): the bounds as without stats, and statistics equal to the
+    reference's over the same chunks (max/min exactly, sum of exp to float32 rounding);
+    the top-k workspace handed over zeroed."""
+    g = gen(seed)
+    n = pages * 16 - 8
+    k = randn((b, hkv, n, d), g, dtype, device)
+    span = random_span(b, n, g, device, ragged)
+    kmin, kmax = ops.page_minmax(k, span, 16, impl="torch")
+    q = randn((b, hkv * group, d), g, dtype, device)
+    with poisoned_empty():
+        got, st = ops.page_scores(q, kmin, kmax, span, 16, stats=True, scale=0.3, impl="triton")
+    plain = ops.page_scores(q, kmin, kmax, span, 16, impl="triton")
+    assert torch.equal(got, plain), "stats changed the bounds"
+    ref = ops.page_stats_reference(got, 0.3, st.chunk)
+    assert st.scale == 0.3 and st.max.shape == ref.max.shape
+    assert torch.equal(st.max, ref.max) and torch.equal(st.min, ref.min)
+    torch.testing.assert_close(st.sumexp, ref.sumexp, rtol=1e-5, atol=1e-6)
+    ws = st.take_workspace(st.workspace.numel())
+    assert ws is not None and not ws.any(), "the handed-over workspace is not zeroed"
+    assert st.take_workspace(ws.numel()) is None, "a workspace must be handed over once"
+
+
+def check_topk_ties(device: str, b: int, hkv: int, group: int, n: int, k_pages: int,
+                    levels: int, seed: int) -> None:
+    """Integer-valued bounds (many exact ties): the kept pages are the forced ones plus the
+    best others with ties broken by page order (a stable sort)."""
+    g = gen(seed)
+    ps, sink, window = 16, 4, 40
+    pages = math.ceil(n / ps)
+    span = random_span(b, n, g, device, True)
+    bounds = torch.randint(0, levels, (b, hkv * group, pages), generator=g).float().to(device)
+    valid = ops.page_valid(span, ps, pages)[:, None, :]
+    bounds = torch.where(valid, bounds, torch.full_like(bounds, float("-inf")))
+    with poisoned_empty():
+        idx, cnt = ops.topk_pages(bounds, hkv, span, ps, k_pages, sink, window, 1.0,
+                                  impl="triton")
+    agg = ops.group_logsoftmax_max(bounds, hkv)
+    pos = span.positions().expand(b, -1)
+    forced_tok = torch.nn.functional.pad(span.forced(pos, sink, window), (0, pages * ps - n))
+    forced = forced_tok.view(b, 1, pages, ps).any(-1).expand(b, hkv, pages)
+    others = torch.where(forced | ~torch.isfinite(agg), float("-inf"), agg)
+    order = torch.sort(others, dim=-1, descending=True, stable=True).indices
+    room = (min(k_pages, pages) - forced.sum(-1, keepdim=True)).clamp(min=0)
+    take = (torch.arange(pages, device=device) < room) & torch.isfinite(others.gather(-1, order))
+    keep = forced | torch.zeros_like(forced).scatter(-1, order, take)
+    ids = torch.where(keep, torch.arange(pages, device=device), pages).sort(-1).values
+    want_idx, want_cnt = ops.pages_to_tokens(ids[..., :idx.shape[-1] // ps], ps, span)
+    assert torch.equal(cnt, want_cnt), "kept token counts differ"
+    assert torch.equal(idx, want_idx), "kept positions (or the zeros after them) differ"
+
+
 # --- int4 keys ---------------------------------------------------------------------------
 
 def check_quantize_int4(device: str, b: int, h: int, n: int, d: int, dtype: torch.dtype,
@@ -212,6 +265,40 @@ def check_int4_scores(device: str, b: int, hkv: int, group: int, n: int, m: int,
         fin = torch.isfinite(r)
         err = (got[fin].double() - r[fin].double()).abs().max().item() if fin.any() else 0.0
         assert err <= tol + 1e-6, f"int4 scores vs {what}: {err:.3g} > {tol:.3g}"
+
+
+def check_int4_stats(device: str, b: int, hkv: int, group: int, n: int, m: int | None, d: int,
+                     dtype: torch.dtype, seed: int) -> None:
+    """int4_scores(stats=True) (index list, or range mode with ``m=None``): the logits equal
+    the plain call's, the statistics equal the reference ones of those logits over the same
+    chunks, the top-p workspace comes zeroed. Range mode also against its reference."""
+    g = gen(seed)
+    k = randn((b, hkv, n, d), g, dtype, device)
+    q = randn((b, hkv * group, d), g, dtype, device, scale=2.0)
+    codes, scale, zero = ops.quantize_int4(k, impl="torch")
+    sm = 1 / math.sqrt(d)
+    if m is None:
+        span = random_span(b, n, g, device, True)
+        with poisoned_empty():
+            got, st = ops.int4_scores_range(q, codes, scale, zero, span, sm, stats=True,
+                                            impl="triton")
+        ref = ops.int4_scores_range(q, codes, scale, zero, span, sm, impl="torch")
+        assert torch.equal(got.isinf(), ref.isinf()) and not got.isnan().any()
+        fin = torch.isfinite(ref)
+        tol = 8 * d * EPS[torch.float32] * (q.double().abs().max() * 15).item() * sm
+        assert (got[fin].double() - ref[fin].double()).abs().max().item() <= tol + 1e-5
+    else:
+        idx, cnt = random_indices(b, hkv, n, m, g, device)
+        with poisoned_empty():
+            got, st = ops.int4_scores(q, codes, scale, zero, idx, cnt, sm, stats=True,
+                                      impl="triton")
+        assert torch.equal(got, ops.int4_scores(q, codes, scale, zero, idx, cnt, sm,
+                                                impl="triton")), "stats changed the logits"
+    ref_st = ops.score_stats(got, st.chunk)
+    assert torch.equal(st.max, ref_st.max), "chunk maxima differ"
+    torch.testing.assert_close(st.sumexp, ref_st.sumexp, rtol=2e-5, atol=1e-6)
+    ws = st.take_workspace(st.workspace.numel())
+    assert ws is not None and not ws.any(), "the handed-over workspace is not zeroed"
 
 
 # --- top-p -------------------------------------------------------------------------------
@@ -279,6 +366,89 @@ def check_topp_select(device: str, b: int, hkv: int, group: int, m: int, p: floa
     kept_cand = mask.gather(-1, idx).repeat_interleave(group, 1)
     assert ((w64 * kept_cand).sum(-1) >= p - 1e-4).all()
     assert (mask ^ rmask).sum().item() <= max(2, b * hkv // 4), "kept sets differ widely"
+
+
+def topp_logits(b: int, hq: int, m: int, kind: str, g: torch.Generator) -> torch.Tensor:
+    """``[B, Hq, M]`` logits of one of the awkward kinds the top-p kernels are tested on."""
+    x = torch.randn(b, hq, m, generator=g) * 3
+    if kind == "ties":  # a few distinct values: many weights tie at the threshold
+        x = torch.round(x * 2) / 2
+    elif kind == "sink":  # a few heavy items hold most of the mass
+        x[..., :4] += 15
+    elif kind == "flat":  # the nucleus is most of the row
+        x = torch.rand(b, hq, m, generator=g) * 0.5
+    elif kind == "neginf":  # one query head sees no finite logit
+        x[0, 0] = float("-inf")
+    return x
+
+
+def check_topp_split(device: str, b: int, hkv: int, group: int, m: int, p: float, kind: str,
+                     seed: int, range_mode: bool = False, forced_kind: str = "none",
+                     with_stats: bool = False) -> None:
+    """The top-p kernel (whichever path the row length selects) against the reference on
+    logits of ``kind``, in index-list or range mode, optionally with the producer's stats
+    (and workspace) handed over: same kept sets up to float32 summation rounding at a
+    threshold, ascending positions, zeros after the count; twice the same result."""
+    g = gen(seed)
+    hq = hkv * group
+    logits = topp_logits(b, hq, m, kind, g).to(device)
+    kw: dict = {}
+    forced = None
+    if range_mode:
+        span = random_span(b, m, g, device, True)
+        live_q = span.valid_mask()[:, None, :].expand(b, hq, m)
+        kw = {"sink": 3, "window": 7}
+    else:
+        n = m + 37
+        idx, cnt = random_indices(b, hkv, n, m, g, device)
+        idx = torch.sort(idx, -1).values
+        live_q = torch.arange(m, device=device) < cnt.repeat_interleave(group, 1)[..., None]
+        if forced_kind == "mask":
+            forced = (torch.rand(b, hkv, m, generator=g) < 0.02).to(device)
+        elif forced_kind == "span":
+            kw = {"span": random_span(b, n, g, device, True), "sink": 4, "window": 16}
+    logits = torch.where(live_q, logits, torch.full_like(logits, float("-inf")))
+    stats = None
+    if with_stats:  # as a producer hands them over: chunk stats and a zeroed workspace
+        st = ops.score_stats(logits, 128)
+        from nucleus_attn.ops import topp_split
+
+        ws = torch.zeros(topp_split.workspace_numel(b * hkv, group), dtype=torch.int32,
+                         device=device)
+        stats = ops.ScoreStats(st.chunk, st.max, st.sumexp, ws)
+
+    def run(impl: str, stats=None):
+        if range_mode:
+            return ops.topp_select_range(logits, span, hkv, p, stats=stats, impl=impl, **kw)
+        return ops.topp_select(logits, idx, cnt, p, forced, stats=stats, impl=impl, **kw)
+
+    with poisoned_empty():
+        kept, kcnt = run("triton", stats)
+    again, acnt = run("triton")
+    assert torch.equal(kept, again) and torch.equal(kcnt, acnt), "not deterministic"
+    rkept, rcnt = run("torch")
+    n_pos = m if range_mode else m + 37
+    mask = ops.indices_to_mask(kept, kcnt, n_pos)
+    rmask = ops.indices_to_mask(rkept, rcnt, n_pos)
+    pos = torch.arange(m, device=device)
+    pad = pos >= kcnt[..., None]
+    assert (kept[pad] == 0).all(), "padding after the kept positions is not 0"
+    rising = (kept[..., 1:] > kept[..., :-1]) | pad[..., 1:]
+    assert rising.all(), "kept positions are not ascending"
+    if torch.equal(mask, rmask):
+        assert torch.equal(kept, rkept) and torch.equal(kcnt, rcnt)
+        return
+    # differences only where a kept mass meets the target within float32 summation
+    # rounding: every query head's kept mass (float64) still reaches p, and the items the
+    # two paths disagree on weigh no more than that rounding (4 M eps of the row's mass)
+    cand = pos.expand(b, hkv, m) if range_mode else idx
+    kept_cand = mask.gather(-1, cand).repeat_interleave(group, 1)
+    ref_cand = rmask.gather(-1, cand).repeat_interleave(group, 1)
+    w64 = torch.softmax(logits.double(), -1).nan_to_num(0.0)
+    has = torch.isfinite(logits).any(-1)
+    assert ((w64 * kept_cand).sum(-1)[has] >= p - 1e-4).all(), "a head keeps less than p"
+    differ = (w64 * (kept_cand ^ ref_cand)).sum(-1)
+    assert differ.max().item() <= 4 * m * EPS[torch.float32] + 1e-6, "kept sets differ widely"
 
 
 # --- attention ---------------------------------------------------------------------------

@@ -92,3 +92,78 @@ def test_score_stats_combine_to_row_softmax():
     want_m = torch.where(torch.isfinite(x.amax(-1)), x.amax(-1), torch.zeros(2, 3))
     torch.testing.assert_close(m, want_m)
     torch.testing.assert_close(z, torch.exp(x - want_m[..., None]).sum(-1))
+
+
+# --- the split kernel (long rows: many programs per row) ---------------------------------
+
+@pytest.fixture
+def split_rows(monkeypatch):
+    """Every row takes the split kernel, in chunks of 128 (several programs per row)."""
+    from nucleus_attn.ops import topp_split
+
+    monkeypatch.setattr(topp_split, "split_wanted", lambda *args, **kwargs: True)
+    monkeypatch.setattr(topp_split, "MIN_CHUNK", 128)
+    return topp_split
+
+
+@pytest.mark.parametrize(("hkv", "group", "m", "p", "kind", "forced"), [
+    (1, 1, 1, 0.9, "randn", "none"), (2, 3, 17, 0.5, "randn", "span"),
+    (1, 4, 1000, 0.9, "ties", "mask"), (1, 8, 4099, 0.95, "randn", "span"),
+    (2, 4, 1000, 0.999, "sink", "none"), (1, 4, 1000, 0.9, "flat", "none"),
+    (2, 3, 300, 0.9, "neginf", "span")])
+def test_topp_split(split_rows, hkv, group, m, p, kind, forced):
+    from ops_helpers import check_topp_split
+
+    check_topp_split("cpu", 2, hkv, group, m, p, kind, seed=m + group, forced_kind=forced)
+
+
+@pytest.mark.parametrize(("hkv", "group", "n", "p", "kind"), [
+    (1, 4, 1000, 0.9, "randn"), (2, 3, 17, 0.5, "ties"), (1, 1, 4099, 0.99, "sink")])
+def test_topp_split_range(split_rows, hkv, group, n, p, kind):
+    from ops_helpers import check_topp_split
+
+    check_topp_split("cpu", 2, hkv, group, n, p, kind, seed=n, range_mode=True)
+
+
+@pytest.mark.parametrize("range_mode", [False, True])
+def test_topp_split_with_producer_stats(split_rows, range_mode):
+    # the stats and the zeroed workspace a producer hands over give the same kept sets
+    from ops_helpers import check_topp_split
+
+    check_topp_split("cpu", 2, 2, 4, 700, 0.9, "randn", seed=5, range_mode=range_mode,
+                     with_stats=True)
+
+
+def test_topp_split_tail_loops(split_rows, monkeypatch):
+    # the last programs' loops over blocks (chunks, survivors, stats) with tiny blocks, and
+    # the survivors bisected streamed from the list instead of in registers
+    from ops_helpers import check_topp_split
+
+    for name, value in (("SURVIVORS_IN_REGISTERS", 16), ("TAIL_CHUNKS", 2),
+                        ("PREFIX_CHUNKS", 2), ("UNION_BLOCK", 16), ("STATS_BLOCK", 2)):
+        monkeypatch.setattr(split_rows, name, value)
+    check_topp_split("cpu", 2, 1, 4, 1000, 0.9, "randn", seed=8, forced_kind="span")
+
+
+def test_twilight_handoff_int4_to_topp(split_rows):
+    # int4_scores(stats=True) hands its stats and zeroed workspace to topp_select, which
+    # uses the workspace once; the kept sets equal the reference path's
+    import torch
+    from ops_helpers import gen
+
+    from nucleus_attn import ops
+
+    g = gen(4)
+    b, hkv, group, n, d = 2, 2, 4, 800, 64
+    k = torch.randn(b, hkv, n, d, generator=g)
+    q = torch.randn(b, hkv * group, d, generator=g) * 3
+    codes, scale, zero = ops.quantize_int4(k, impl="torch")
+    idx = torch.sort(torch.randperm(n, generator=g)[:600]).values.expand(b, hkv, 600).contiguous()
+    cnt = torch.tensor([[600, 411], [599, 1]])
+    est, st = ops.int4_scores(q, codes, scale, zero, idx, cnt, 0.125, stats=True, impl="triton")
+    assert st.workspace is not None
+    kept, kcnt = ops.topp_select(est, idx, cnt, 0.9, stats=st, impl="triton")
+    assert st.take_workspace(st.workspace.numel()) is None, "the workspace was not used"
+    ref = ops.int4_scores(q, codes, scale, zero, idx, cnt, 0.125, impl="torch")
+    rkept, rcnt = ops.topp_select(ref, idx, cnt, 0.9, impl="torch")
+    assert torch.equal(kcnt, rcnt) and torch.equal(kept, rkept)

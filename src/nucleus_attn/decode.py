@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .crossover import dense_below
 from .methods import MethodConfig, MethodState, Selection, make_config, spec_of
 from .span import KeySpan
 
@@ -93,9 +94,14 @@ def decode_step(
     """Select and attend, without input checks (the per-layer hot path).
 
     ``padded=False`` promises that every position is valid, which lets dense steps skip
-    the mask.
+    the mask. Below the method's crossover length (``cfg.dense_below``, see
+    :mod:`nucleus_attn.crossover`) the step is dense attention: N is the cache length, a
+    Python int, so the choice needs no host sync.
     """
-    sel = spec_of(cfg).select(q, k, state, span, cfg, scale)
+    if k.shape[2] < dense_below(cfg, q.device, diagnostics, q.shape[0]):
+        sel = Selection.everything(span, k.shape[1])
+    else:
+        sel = spec_of(cfg).select(q, k, state, span, cfg, scale)
     if sel.indices is None:
         out = ops.dense_attention(q, k, v, span if padded else None, scale)
     else:

@@ -42,7 +42,8 @@ def test_triton_matches_torch_backend(method, monkeypatch):
     runs = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("NUCLEUS_ATTN_BACKEND", backend)
-        out, info = na.sparse_decode(q, k, v, method, lengths=lengths, **SETTINGS[method])
+        out, info = na.sparse_decode(q, k, v, method, lengths=lengths, dense_below=0,
+                                     **SETTINGS[method])
         mask = info.kept_mask(n)
         assert torch.isfinite(out).all()
         # each backend's output is exact attention over the set it kept
@@ -66,7 +67,7 @@ def test_decode_step_captures_in_a_cuda_graph(method):
     params = {"dense": {}, "quest": {"budget": 0.05}, "twilight": {"p": 0.9},
               "tactic": {"p": 0.9}}[method]
     q0, k, v = peaked_inputs(b, LLAMA3_8B, n, 8.0, 2, DEV)
-    cfg = na.make_config(method, **params)
+    cfg = na.make_config(method, dense_below=0, **params)
     span = KeySpan.from_lengths(torch.tensor([n, n - 300], device=DEV), n)
     state = new_state(cfg, k, span)
     scale = 1 / math.sqrt(LLAMA3_8B.d)
@@ -94,6 +95,57 @@ def test_decode_step_captures_in_a_cuda_graph(method):
         torch.testing.assert_close(out_static, out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("method", "params"), [
+    ("quest", {"budget": 0.01}), ("twilight", {"p": 0.9}),
+    ("twilight", {"p": 0.9, "base": "dense"}), ("twilight", {"p": 0.95, "base_budget": 0.5})])
+def test_split_selection_captures_in_a_cuda_graph(method, params):
+    """At 64k tokens the selection runs the split kernels (top-k over 4096 pages, top-p over
+    16k-64k candidates): one decode step captured once and replayed on new queries gives
+    exactly the eager step's kept sets and output (no host sync, deterministic)."""
+    from nucleus_attn.ops import topk_split, topp_split
+
+    n, b = 65536, 2
+    assert topk_split.split_wanted(n // 16) and topp_split.split_wanted(n // 4)
+    q0, k, v = peaked_inputs(b, LLAMA3_8B, n, 8.0, 3, DEV)
+    cfg = na.make_config(method, dense_below=0, **params)
+    span = KeySpan.from_lengths(torch.tensor([n, n - 5000], device=DEV), n)
+    state = new_state(cfg, k, span)
+    scale = 1 / math.sqrt(LLAMA3_8B.d)
+    q_static = q0.clone()
+
+    def step():
+        return decode_step(q_static, k, v, cfg, state, span, scale)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static, info_static = step()
+    for seed in range(3):
+        g = torch.Generator(device=DEV).manual_seed(200 + seed)
+        q_new = q0 + 0.5 * torch.randn(q0.shape, generator=g, device=DEV).to(q0.dtype)
+        q_static.copy_(q_new)
+        graph.replay()
+        out, info = decode_step(q_new, k, v, cfg, state, span, scale)
+        torch.cuda.synchronize()
+        assert torch.equal(info_static.kept, info.kept)
+        assert torch.equal(info_static.indices, info.indices)
+        torch.testing.assert_close(out_static, out, rtol=0, atol=0)
+    # and the kept set is the torch reference's (float32 rounding at a threshold aside)
+    import os
+
+    os.environ["NUCLEUS_ATTN_BACKEND"] = "torch"
+    try:
+        _, ref = decode_step(q_new, k, v, cfg, state, span, scale)
+    finally:
+        del os.environ["NUCLEUS_ATTN_BACKEND"]
+    m_ref, m_got = ref.kept_mask(n), info.kept_mask(n)
+    assert (m_ref ^ m_got).sum().item() <= 0.002 * m_ref.sum().item() + 2
+
+
 @pytest.mark.parametrize("method", ["dense", "quest", "twilight", "tactic"])
 def test_static_cache_model_step_replays_in_a_cuda_graph(method):
     """A whole model's decode step with sparse decode on, captured once in a CUDA graph and
@@ -103,6 +155,7 @@ def test_static_cache_model_step_replays_in_a_cuda_graph(method):
     model = build_model(dict(TINY, num_hidden_layers=3), torch.bfloat16, DEV, 0)
     settings = {"dense": {}, "quest": {"budget": 64}, "twilight": {"p": 0.5, "base_budget": 256},
                 "tactic": {"p": 0.5}}
+    settings = {m: dict(s, dense_below=0) for m, s in settings.items()}  # no crossover here
     loop = DecodeLoop(model, 3, 1000, 16, 0)
     with na.enable(model, method, dense_layers=1, stats=False, **settings[method]):
         eager = [loop.step().clone() for _ in range(6)]

@@ -12,12 +12,16 @@ from ops_helpers import (
     check_dense_attention,
     check_gathered_scores,
     check_int4_scores,
+    check_int4_stats,
     check_page_minmax,
     check_page_scores,
+    check_page_stats,
     check_quantize_int4,
     check_sparse_attention,
     check_topk_pages,
+    check_topk_ties,
     check_topp_select,
+    check_topp_split,
     check_topp_threshold,
 )
 
@@ -45,6 +49,76 @@ def test_page_scores(dtype, group, pages, d):
 @pytest.mark.parametrize("ragged", [False, True])
 def test_topk_pages(n, k_pages, hkv, group, ragged):
     check_topk_pages(DEV, 4, hkv, group, n, 16, k_pages, 4, 64, ragged, seed=n + group)
+
+
+# --- the split selection kernels at full size (B up to 8, N up to 131072) ----------------
+
+@pytest.mark.parametrize(("b", "group", "pages", "d"), [(8, 4, 8192, 128), (1, 4, 8192, 128),
+                                                        (4, 3, 1000, 64)])
+def test_page_scores_stats(b, group, pages, d):
+    check_page_stats(DEV, b, 8, group, pages, d, torch.bfloat16, True, seed=pages + b)
+
+
+@pytest.fixture
+def split_topk(monkeypatch):
+    """Long rows take the split top-k kernel even where the row kernel would be chosen."""
+    from nucleus_attn.ops import topk_split
+
+    monkeypatch.setattr(topk_split, "split_wanted", lambda pages, *a, **k: pages >= 1024)
+
+
+@pytest.mark.usefixtures("split_topk")
+@pytest.mark.parametrize(("b", "n", "k_pages"), [(8, 131072, 82), (8, 131072, 2048),
+                                                 (1, 131072, 2048), (8, 32768, 164),
+                                                 (2, 1 << 20, 4096)])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_topk_pages_split(b, n, k_pages, ragged):
+    check_topk_pages(DEV, b, 8, 4, n, 16, k_pages, 4, 64, ragged, seed=n + k_pages + b)
+
+
+@pytest.mark.usefixtures("split_topk")
+@pytest.mark.parametrize(("levels", "k_pages"), [(1, 82), (4, 2048), (300, 500)])
+def test_topk_pages_split_ties(levels, k_pages):
+    check_topk_ties(DEV, 8, 8, 4, 131072, k_pages, levels, seed=levels)
+
+
+@pytest.mark.parametrize(("b", "n", "m"), [(8, 131072, 32800), (1, 131072, 32800),
+                                           (8, 131072, None), (1, 131072, None),
+                                           (4, 4099, None)])
+def test_int4_scores_stats(b, n, m):
+    check_int4_stats(DEV, b, 8, 4, n, m, 128, torch.bfloat16, seed=n + b)
+
+
+@pytest.fixture
+def split_topp(monkeypatch):
+    """Long rows take the split top-p kernel even where the row kernel would be chosen."""
+    from nucleus_attn.ops import topp_split
+
+    monkeypatch.setattr(topp_split, "split_wanted", lambda m, *a, **k: m >= 4096)
+
+
+@pytest.mark.usefixtures("split_topp")
+@pytest.mark.parametrize("kind", ["randn", "sink", "ties", "flat", "neginf"])
+@pytest.mark.parametrize(("b", "m", "p", "forced"), [
+    (8, 32800, 0.9, "span"), (1, 32800, 0.9, "span"), (8, 32800, 0.999, "mask"),
+    (8, 8192, 0.5, "none")])
+def test_topp_split(kind, b, m, p, forced):
+    check_topp_split(DEV, b, 8, 4, m, p, kind, seed=m + b, forced_kind=forced)
+
+
+@pytest.mark.parametrize("kind", ["randn", "sink", "ties", "flat"])
+@pytest.mark.parametrize(("b", "n", "p"), [(8, 131072, 0.9), (1, 131072, 0.95),
+                                           (2, 65536, 0.99)])
+def test_topp_split_range(kind, b, n, p):
+    check_topp_split(DEV, b, 8, 4, n, p, kind, seed=n + b, range_mode=True)
+
+
+@pytest.mark.usefixtures("split_topp")
+@pytest.mark.parametrize(("group", "m"), [(1, 40000), (3, 5000), (8, 17000)])
+@pytest.mark.parametrize("range_mode", [False, True])
+def test_topp_split_gqa_and_stats(group, m, range_mode):
+    check_topp_split(DEV, 4, 2, group, m, 0.9, "randn", seed=m, range_mode=range_mode,
+                     with_stats=True)
 
 
 @pytest.mark.parametrize(("n", "d", "dtype"), [

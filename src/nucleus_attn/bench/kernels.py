@@ -8,8 +8,13 @@ heads, d=128, bf16) it times, in one run and on the same inputs:
 - ``dense`` through ``decode_step`` (our hook's dense path);
 - fixed-budget sparse attention over random kept indices at kept fractions 1/2/5/10%
   (``ops.sparse_attention`` alone: the attention kernel's cost at that budget);
-- Quest at the same budgets, Twilight (top-p 0.9 / 0.95) and Tactic (p 0.9), each a whole
-  ``decode_step`` (selection included) with the method's metadata prebuilt.
+- Quest at the same budgets, Twilight (top-p 0.9 / 0.95, once per base selector of
+  :data:`TWILIGHT_BASES`) and Tactic (p 0.9), each a whole ``decode_step`` (selection
+  included) with the method's metadata prebuilt and the crossover rule off
+  (``dense_below=0``: the rows measure the method, not the rule).
+
+After the table it prints, per method setting and batch, the smallest N of the run where
+the method beats our dense decode: the data for :data:`nucleus_attn.crossover.DENSE_BELOW`.
 
 Inputs are synthetic *peaked* attention (each key has a component along its group's query
 direction, logits spread ~``SPREAD``), on which top-p keeps a few percent of the tokens;
@@ -36,12 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..crossover import gpu_label
 from ..decode import decode_step, new_state
 from ..methods import make_config
 from ..span import KeySpan
 
 SPREAD = 8.0  # logit spread of the synthetic keys: top-p 0.9 keeps ~1-4% of the tokens
 INDEX_BYTES = 8  # int64 positions
+#: Twilight's base selectors, one row set each (helper branches add theirs here)
+TWILIGHT_BASES = ("quest", "dense")
 
 
 @dataclass(frozen=True)
@@ -185,14 +193,16 @@ def floor_bytes(kind: str, b: int, n: int, shape: Shape, kept: float, cfg: Any =
     if kind == "sparse":
         return kv_bytes(kept, shape)
     pages = 0.0
-    if kind in ("quest", "twilight"):
+    base = getattr(cfg, "base", "quest")
+    if kind == "quest" or (kind == "twilight" and base == "quest"):
         ps = cfg.page_size
         pages = rows * math.ceil(n / ps) * 2 * shape.d * shape.es  # per-page min and max
     if kind == "quest":
         return pages + kv_bytes(kept, shape)
     if kind == "twilight":
-        # codes, scale and zero, and the position of every candidate
-        int4 = candidates * (shape.d // 2 + 2 * shape.es + INDEX_BYTES)
+        # codes, scale and zero of every candidate, and its position (none in range mode)
+        index = 0 if base == "dense" else INDEX_BYTES
+        int4 = candidates * (shape.d // 2 + 2 * shape.es + index)
         return pages + int4 + kv_bytes(kept, shape)
     if kind == "tactic":
         clusters = rows * math.ceil(n / cfg.cluster_size)
@@ -229,7 +239,7 @@ def bench_point(n: int, b: int, shape: Shape, fractions: list[float], bw: float,
     add("sdpa", backend, sec, dense_bytes, 1.0)
 
     def method_row(name: str, setting: str, kind: str, **params: Any) -> None:
-        cfg = make_config(name, **params)
+        cfg = make_config(name, dense_below=0, **params)
         state = new_state(cfg, k, span)
         out, info = decode_step(q, k, v, cfg, state, span, scale, padded=False)
         kept = info.kept.sum().item()
@@ -252,18 +262,46 @@ def bench_point(n: int, b: int, shape: Shape, fractions: list[float], bw: float,
                                                                m * b * shape.hkv), m / n)
     for f in fractions if "quest" in methods else []:
         method_row("quest", f"budget={f:g}", "quest", budget=f)
-    for p in (0.9, 0.95) if "twilight" in methods else ():
-        method_row("twilight", f"p={p:g}", "twilight", p=p)
+    for base in TWILIGHT_BASES if "twilight" in methods else ():
+        for p in (0.9, 0.95):
+            method_row("twilight", f"p={p:g} base={base}", "twilight", p=p, base=base)
     if "tactic" in methods:
         method_row("tactic", "p=0.9", "tactic", p=0.9)
     return rows
 
 
+def stage_floor_bytes(stage: str, b: int, n: int, shape: Shape, *, pages: int = 0,
+                      candidates: float = 0.0, kept: float = 0.0) -> float:
+    """Bytes one selection stage must move at least (reads plus writes), from the shapes
+    and the token counts the stage before it produced (summed over sequences and KV heads):
+    what its time is compared against in the ``--profile`` table."""
+    rows, g = b * shape.hkv, shape.hq // shape.hkv
+    logit = 4  # float32 scores and logits
+    if stage == "page_scores":  # page min/max in, one bound per page and query head out
+        return rows * pages * (2 * shape.d * shape.es + g * logit)
+    if stage == "topk_pages":  # the bounds in, the chosen pages' token positions out
+        return rows * pages * g * logit + candidates * INDEX_BYTES
+    if stage == "int4_scores":  # codes, scale, zero and position in, one logit per head out
+        return candidates * (shape.d // 2 + 2 * shape.es + INDEX_BYTES + g * logit)
+    if stage == "int4_scores_range":
+        return rows * n * (shape.d // 2 + 2 * shape.es + g * logit)
+    if stage == "topp_select":  # the logits and positions in, the kept positions out
+        return candidates * (g * logit + INDEX_BYTES) + kept * INDEX_BYTES
+    if stage == "topp_select_range":
+        return rows * n * g * logit + kept * INDEX_BYTES
+    if stage == "sparse_attention":
+        return kv_bytes(kept, shape)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
 def profile_point(n: int, b: int, shape: Shape, bw: float, seed: int,
                   device: torch.device, quick: bool, with_tactic: bool = True) -> list[dict]:
-    """Seconds of each stage of Quest, Twilight and Tactic at one point, each stage timed
-    alone (CUDA graph) on the inputs the stage before it produced, next to the whole step.
-    Where a target is missed this says where the time goes."""
+    """Seconds of each stage of Quest, Twilight (per base of :data:`TWILIGHT_BASES`) and
+    Tactic at one point, each stage timed alone (CUDA graph) on the inputs the stage before
+    it produced, next to its byte floor and the whole step. On a GPU it also lists every
+    kernel launch of one eager Quest and Twilight step with its GPU time (the split
+    selection kernels' phases one by one). Where a target is missed this says where the
+    time goes."""
     from ..methods.base import resolve_budget
 
     q, k, v = peaked_inputs(b, shape, n, SPREAD, seed, device)
@@ -277,88 +315,118 @@ def profile_point(n: int, b: int, shape: Shape, bw: float, seed: int,
                     "bytes": nbytes, "floor_seconds": nbytes / bw})
         return fn()
 
-    rows = b * shape.hkv
-    bounds_bytes = rows * math.ceil(n / 16) * 2 * shape.d * shape.es
-    for method, params in (("quest", {"budget": 0.02}), ("twilight", {"p": 0.9})):
-        cfg = make_config(method, **params)
+    def tokens(counts: Tensor) -> float:
+        return float(counts.sum().item())
+
+    runs = [("quest", {"budget": 0.01}, "quest")]
+    runs += [("twilight", {"p": 0.9, "base": base}, f"twilight base={base}")
+             for base in TWILIGHT_BASES]
+    for method, params, label in runs:
+        cfg = make_config(method, dense_below=0, **params)
         st = new_state(cfg, k, span)
-        pages = st if method == "quest" else st.pages
-        p = pages.pages
-        bounds = stage(method, "page_scores", lambda pages=pages, p=p, cfg=cfg: ops.page_scores(
-            q, pages.kmin[:, :, :p], pages.kmax[:, :, :p], span, cfg.page_size),
-            bounds_bytes)
-        budget = resolve_budget(cfg.budget if method == "quest" else cfg.base_budget, n)
-        cand, ccnt = stage(method, "topk_pages", lambda bounds=bounds, budget=budget, cfg=cfg:
-                           ops.topk_pages(bounds, shape.hkv, span, cfg.page_size,
-                                          math.ceil(budget / cfg.page_size), cfg.sink,
-                                          max(cfg.window, 1), scale),
-                           bounds.numel() * 4 * 2)
+        pages = st if method == "quest" else getattr(st, "pages", None)
+        if method == "twilight" and cfg.base not in ("quest", "dense"):
+            continue  # a base this function does not know the stages of (whole step below)
+        if pages is not None:
+            p = pages.pages
+            ps = cfg.page_size
+            bounds, pst = stage(label, "page_scores", lambda pages=pages, p=p, ps=ps:
+                                ops.page_scores(q, pages.kmin[:, :, :p], pages.kmax[:, :, :p],
+                                                span, ps, stats=True, scale=scale),
+                                stage_floor_bytes("page_scores", b, n, shape, pages=p))
+            budget = resolve_budget(cfg.budget if method == "quest" else cfg.base_budget, n)
+
+            def topk(bounds=bounds, pst=pst, budget=budget, cfg=cfg, ps=ps):
+                # fresh stats each call: their workspace is used once
+                st2 = ops.PageStats(pst.chunk, pst.scale, pst.max, pst.min, pst.sumexp)
+                return ops.topk_pages(bounds, shape.hkv, span, ps, math.ceil(budget / ps),
+                                      cfg.sink, max(cfg.window, 1), scale, stats=st2)
+            cand, ccnt = topk()
+            stage(label, "topk_pages", topk, stage_floor_bytes(
+                "topk_pages", b, n, shape, pages=p, candidates=tokens(ccnt)))
         if method == "twilight":
             keys = st.keys
-            ncand = ccnt.sum().item()
-            est = stage(method, "int4_scores", lambda cand=cand, ccnt=ccnt, keys=keys:
-                        ops.int4_scores(q, keys.codes, keys.scale, keys.zero, cand, ccnt,
-                                        scale),
-                        ncand * (shape.d // 2 + 2 * shape.es + INDEX_BYTES))
-            kept, kcnt = stage(method, "topp_select", lambda est=est, cand=cand, ccnt=ccnt,
-                               cfg=cfg: ops.topp_select(est, cand, ccnt, cfg.p, span=span,
-                                                        sink=cfg.sink, window=cfg.window),
-                               est.numel() * 4 * 2 + cand.numel() * INDEX_BYTES)
+            if cfg.base == "dense":
+                est, sst = stage(label, "int4_scores_range",
+                                 lambda keys=keys: ops.int4_scores_range(
+                                     q, keys.codes, keys.scale, keys.zero, span, scale,
+                                     stats=True),
+                                 stage_floor_bytes("int4_scores_range", b, n, shape))
+
+                def topp(est=est, sst=sst, cfg=cfg):
+                    return ops.topp_select_range(est, span, shape.hkv, cfg.p, sink=cfg.sink,
+                                                 window=cfg.window, stats=ops.ScoreStats(
+                                                     sst.chunk, sst.max, sst.sumexp))
+                kept, kcnt = topp()
+                stage(label, "topp_select_range", topp, stage_floor_bytes(
+                    "topp_select_range", b, n, shape, kept=tokens(kcnt)))
+            else:
+                est, sst = stage(label, "int4_scores", lambda cand=cand, ccnt=ccnt, keys=keys:
+                                 ops.int4_scores(q, keys.codes, keys.scale, keys.zero, cand,
+                                                 ccnt, scale, stats=True),
+                                 stage_floor_bytes("int4_scores", b, n, shape,
+                                                   candidates=tokens(ccnt)))
+
+                def topp(est=est, sst=sst, cand=cand, ccnt=ccnt, cfg=cfg):
+                    return ops.topp_select(est, cand, ccnt, cfg.p, span=span, sink=cfg.sink,
+                                           window=cfg.window, stats=ops.ScoreStats(
+                                               sst.chunk, sst.max, sst.sumexp))
+                kept, kcnt = topp()
+                stage(label, "topp_select", topp, stage_floor_bytes(
+                    "topp_select", b, n, shape, candidates=tokens(ccnt), kept=tokens(kcnt)))
         else:
             kept, kcnt = cand, ccnt
-        stage(method, "sparse_attention", lambda kept=kept, kcnt=kcnt:
+        stage(label, "sparse_attention", lambda kept=kept, kcnt=kcnt:
               ops.sparse_attention(q, k, v, kept, kcnt, scale),
-              kv_bytes(kcnt.sum().item(), shape))
-        stage(method, "whole step", lambda cfg=cfg, st=st: decode_step(
-            q, k, v, cfg, st, span, scale, padded=False), 0.0)
-    # launch-parameter sweeps of the two gather kernels, on the inputs above
-    from ..ops import attention as att
-    from ..ops import pages as pg
-    from ..ops import quant
+              stage_floor_bytes("sparse_attention", b, n, shape, kept=tokens(kcnt)))
+        sel_bytes = sum(r["bytes"] for r in out if r["method"] == label)
+        stage(label, "whole step", lambda cfg=cfg, st=st: decode_step(
+            q, k, v, cfg, st, span, scale, padded=False), sel_bytes)
+    if with_tactic:
+        cfg = make_config("tactic", p=0.9, dense_below=0)
+        st = new_state(cfg, k, span)
+        c = st.centroids.shape[2]
+        rows = b * shape.hkv
+        stage("tactic", "centroid_scores", lambda: ops.centroid_scores(
+            q, st.centroids, st.sizes, scale), rows * c * (shape.d * st.centroids.element_size()
+                                                            + 8))
+        from ..methods import spec_of
 
-    saved_pages = (pg.SCORES_BLOCK_P, pg.SCORES_WARPS)
-    for bp, wp in ((32, 4), (64, 4), (16, 2)):
-        pg.SCORES_BLOCK_P, pg.SCORES_WARPS = bp, wp
-        stage("tune", f"page_scores p{bp} w{wp}", lambda: ops.page_scores(
-            q, pages.kmin[:, :, :p], pages.kmax[:, :, :p], span, 16), bounds_bytes)
-    pg.SCORES_BLOCK_P, pg.SCORES_WARPS = saved_pages
-    saved = (quant.INT4_BLOCK_M, quant.INT4_WARPS, att.BLOCK_N, att.SPLIT_WARPS,
-             att.PROGRAMS_PER_SM)
-    for bm, wp in ((64, 2), (128, 2), (128, 4), (256, 4)):
-        quant.INT4_BLOCK_M, quant.INT4_WARPS = bm, wp
-        stage("tune", f"int4_scores m{bm} w{wp}", lambda: ops.int4_scores(
-            q, keys.codes, keys.scale, keys.zero, cand, ccnt, scale),
-            ncand * (shape.d // 2 + 2 * shape.es + INDEX_BYTES))
-    for bn, wp, pps in ((32, 4, 16), (32, 4, 32), (32, 2, 32), (64, 4, 16)):
-        att.BLOCK_N, att.SPLIT_WARPS, att.PROGRAMS_PER_SM = bn, wp, pps
-        stage("tune", f"attention n{bn} w{wp} p{pps}", lambda: ops.sparse_attention(
-            q, k, v, kept, kcnt, scale), kv_bytes(kcnt.sum().item(), shape))
-    (quant.INT4_BLOCK_M, quant.INT4_WARPS, att.BLOCK_N, att.SPLIT_WARPS,
-     att.PROGRAMS_PER_SM) = saved
-    if not with_tactic:
-        return out
-    cfg = make_config("tactic", p=0.9)
-    st = new_state(cfg, k, span)
-    c = st.centroids.shape[2]
-    stage("tactic", "centroid_scores", lambda: ops.centroid_scores(q, st.centroids, st.sizes,
-                                                                   scale),
-          rows * c * (shape.d * st.centroids.element_size() + 8))
-    from ..methods import spec_of
-
-    sel = stage("tactic", "select (all)", lambda: spec_of(cfg).select(q, k, st, span, cfg,
-                                                                      scale), 0.0)
-    stage("tactic", "sparse_attention", lambda: ops.sparse_attention(q, k, v, sel.indices,
-                                                                     sel.counts, scale),
-          kv_bytes(sel.counts.sum().item(), shape))
-    stage("tactic", "whole step", lambda: decode_step(q, k, v, cfg, st, span, scale,
-                                                      padded=False), 0.0)
-    if device.type == "cuda":  # where a whole step's time goes, kernel by kernel
-        for method, params in (("twilight", {"p": 0.9}), ("tactic", {"p": 0.9})):
-            c2 = make_config(method, **params)
+        sel = stage("tactic", "select (all)", lambda: spec_of(cfg).select(q, k, st, span, cfg,
+                                                                          scale), 0.0)
+        stage("tactic", "sparse_attention", lambda: ops.sparse_attention(
+            q, k, v, sel.indices, sel.counts, scale), kv_bytes(sel.counts.sum().item(), shape))
+        stage("tactic", "whole step", lambda: decode_step(q, k, v, cfg, st, span, scale,
+                                                          padded=False), 0.0)
+    if device.type == "cuda":  # where a whole step's time goes, launch by launch
+        for method, params, label in runs + ([("tactic", {"p": 0.9}, "tactic")]
+                                             if with_tactic else []):
+            c2 = make_config(method, dense_below=0, **params)
             st2 = new_state(c2, k, span)
-            kernel_breakdown(method, lambda c2=c2, st2=st2: decode_step(
+            kernel_launches(label, lambda c2=c2, st2=st2: decode_step(
                 q, k, v, c2, st2, span, scale, padded=False))
     return out
+
+
+def kernel_launches(label: str, fn: Callable[[], Any]) -> None:
+    """Print every GPU kernel of one eager call of ``fn`` in launch order with its time
+    (torch.profiler; a warm-up call first): the phases of one split kernel appear as
+    separate lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if getattr(e, "device_type", None) is not None
+              and str(e.device_type).endswith("CUDA")]
+    events.sort(key=lambda e: e.time_range.start)
+    total = sum(e.time_range.elapsed_us() for e in events)
+    print(f"launches of one {label} step (eager, GPU us; {len(events)} kernels, "
+          f"{total:.1f} us busy):")
+    for e in events:
+        print(f"  {e.time_range.elapsed_us():8.1f}  {e.name[:100]}")
 
 
 def kernel_times(fn: Callable[[], Any], top: int) -> tuple[float, list[dict], int]:
@@ -379,15 +447,6 @@ def kernel_times(fn: Callable[[], Any], top: int) -> tuple[float, list[dict], in
     events = sorted(prof.key_averages(), key=lambda e: -gpu_us(e))
     kernels = [{"kernel": e.key[:120], "us": gpu_us(e), "calls": e.count} for e in events[:top]]
     return sum(gpu_us(e) for e in events), kernels, len(events)
-
-
-def kernel_breakdown(label: str, fn: Callable[[], Any], top: int = 14) -> None:
-    """Print the GPU kernels of one eager call by total time (torch.profiler)."""
-    total, kernels, kinds = kernel_times(fn, top)
-    print(f"kernels of one {label} step (eager, us):")
-    print(f"  total {total:.1f} us in {kinds} kernel kinds")
-    for k in kernels:
-        print(f"  {k['us']:9.1f}  x{k['calls']:<3d} {k['kernel'][:90]}")
 
 
 def write_results(stem: str, meta: dict, rows: list[dict],
@@ -414,16 +473,6 @@ def fits(n: int, b: int, shape: Shape, device: torch.device) -> bool:
     need = 1.7 * kv + 3 * (1 << 30)
     free, _ = torch.cuda.mem_get_info(device)
     return need < free
-
-
-def gpu_label(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    for known in ("h100", "h200", "h20", "a100", "l40s", "l4", "a10g", "b200", "gh200"):
-        if known in name.replace(" ", ""):
-            return known
-    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 # --- report ------------------------------------------------------------------------------
@@ -456,6 +505,33 @@ def print_table(rows: list[dict], meta: dict) -> None:
     Console(width=140).print(table)
     for s in meta["skipped"]:
         print(f"skipped: {s}")
+    cross = crossovers(rows)
+    if cross:
+        print(f"crossover on {meta['gpu']} (smallest N of this run where the method beats our "
+              "dense decode; the data for nucleus_attn.crossover.DENSE_BELOW):")
+        for (method, setting), per_batch in sorted(cross.items()):
+            cells = ", ".join(f"B={bb}: {'N>=' + str(nn) if nn else 'never'}"
+                              for bb, nn in sorted(per_batch.items()))
+            print(f"  {method:<10} {setting:<22} {cells}")
+
+
+def crossovers(rows: list[dict]) -> dict[tuple[str, str], dict[int, int | None]]:
+    """Per (method, setting) and batch: the smallest N of the run at which the method is
+    faster than our dense decode at that (N, B) (or than SDPA where the dense row did not
+    run), None when it never is."""
+    dense = {(r["n"], r["batch"]): r["seconds"] for r in rows if r["method"] == "dense"}
+    sdpa = {(r["n"], r["batch"]): r["seconds"] for r in rows if r["method"] == "sdpa"}
+    out: dict[tuple[str, str], dict[int, int | None]] = {}
+    for r in rows:
+        if r["method"] in ("sdpa", "dense", "sparse"):
+            continue
+        ref = dense.get((r["n"], r["batch"]), sdpa.get((r["n"], r["batch"])))
+        per = out.setdefault((r["method"], r["setting"]), {})
+        per.setdefault(r["batch"], None)
+        if ref is not None and r["seconds"] < ref:
+            best = per[r["batch"]]
+            per[r["batch"]] = r["n"] if best is None else min(best, r["n"])
+    return out
 
 
 def print_profile(stages: list[dict]) -> None:
@@ -463,13 +539,16 @@ def print_profile(stages: list[dict]) -> None:
     from rich.table import Table
 
     first = stages[0]
-    table = Table(title=f"stages, N={first['n']} B={first['batch']} (each timed alone)")
-    for col in ("method", "stage", "us", "floor us", "% floor"):
+    table = Table(title=f"stages, N={first['n']} B={first['batch']} (each timed alone; the "
+                  "floor is the bytes the stage must move)")
+    for col in ("method", "stage", "us", "floor us", "x floor", "us over floor"):
         table.add_column(col, justify="left" if col in ("method", "stage") else "right")
     for r in stages:
-        frac = f"{r['floor_seconds'] / r['seconds'] * 100:.0f}" if r["bytes"] else ""
+        has = bool(r["bytes"])
         table.add_row(r["method"], r["stage"], f"{r['seconds'] * 1e6:.1f}",
-                      f"{r['floor_seconds'] * 1e6:.1f}" if r["bytes"] else "", frac)
+                      f"{r['floor_seconds'] * 1e6:.1f}" if has else "",
+                      f"{r['seconds'] / r['floor_seconds']:.1f}" if has else "",
+                      f"{(r['seconds'] - r['floor_seconds']) * 1e6:.1f}" if has else "")
     Console(width=120).print(table)
 
 
@@ -554,6 +633,8 @@ def main(out: str = "results", quick: bool = False, ns: list[int] | None = None,
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     rows.sort(key=lambda r: (r["n"], r["batch"]))
+    meta["crossover"] = {f"{m} {st}": {str(bb): nn for bb, nn in per.items()}
+                         for (m, st), per in crossovers(rows).items()}
     print_table(rows, meta)
     if profile is not None:  # last: a stage that fails cannot cost the rows above
         write_results(stem, meta, rows)

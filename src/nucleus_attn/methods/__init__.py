@@ -66,7 +66,9 @@ def make_config(method: str | MethodConfig, **params: Any) -> MethodConfig:
     try:
         return cls(**params)
     except TypeError as err:
-        fields = [f.name for f in dataclasses.fields(cls)]
+        # the method's own fields first, the keyword-only ones every method shares after
+        fields = sorted((f for f in dataclasses.fields(cls)), key=lambda f: f.kw_only)
+        fields = [f.name for f in fields]
         raise TypeError(
             f"{method}: {err}; its parameters are: {', '.join(fields) or '(none)'}"
         ) from None

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from ..crossover import check_dense_below
 from ..span import KeySpan
 
 Budget = int | float
@@ -72,9 +73,38 @@ class Selection:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of every method's config: a registered ``name`` and validation helpers."""
+    """Base of every method's config: a registered ``name``, the crossover length and
+    validation helpers.
+
+    Parameters
+    ----------
+    dense_below : int or None
+        Keyword-only, on every method. Decode steps with a cache of fewer tokens run dense
+        attention (selection has a fixed cost, so below some length dense is faster).
+        None (default): the measured crossover of this GPU and method
+        (:data:`nucleus_attn.crossover.DENSE_BELOW`), not applied in diagnostics mode;
+        0: never; n: below n tokens. See :mod:`nucleus_attn.crossover`.
+    """
 
     name: ClassVar[str] = ""
+    dense_below: int | None = dataclasses.field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_dense_below(self.name, self.dense_below)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # a method's own __post_init__ (its field checks) also checks the shared fields
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_checks_shared", False):
+            return
+
+        def post_init(self: MethodConfig) -> None:
+            check_dense_below(self.name, self.dense_below)
+            own(self)
+
+        post_init._checks_shared = True  # type: ignore[attr-defined]
+        cls.__post_init__ = post_init  # type: ignore[method-assign]
 
     def replace(self, **changes: Any) -> MethodConfig:
         """A copy with some fields changed (validated again)."""

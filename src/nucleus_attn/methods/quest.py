@@ -110,9 +110,15 @@ def select_pages(
     """
     ps, hkv = pages.page_size, pages.kmin.shape[1]
     p = pages.pages
-    bounds = ops.page_scores(q, pages.kmin[:, :, :p], pages.kmax[:, :, :p], span, ps)
-    return ops.topk_pages(bounds, hkv, span, ps, math.ceil(budget / ps), sink, max(window, 1),
-                          scale)
+    kmin, kmax = pages.kmin[:, :, :p], pages.kmax[:, :, :p]
+    k = math.ceil(budget / ps)
+    if ops.topk_pages_uses_stats(p, q.shape[0], hkv, q.device):
+        # the bounds' softmax statistics come out of the same pass, for the top-k kernel
+        bounds, stats = ops.page_scores(q, kmin, kmax, span, ps, stats=True, scale=scale)
+        return ops.topk_pages(bounds, hkv, span, ps, k, sink, max(window, 1), scale,
+                              stats=stats)
+    bounds = ops.page_scores(q, kmin, kmax, span, ps)
+    return ops.topk_pages(bounds, hkv, span, ps, k, sink, max(window, 1), scale)
 
 
 def select(q: Tensor, k: Tensor, state: PageState, span: KeySpan, cfg: QuestConfig,

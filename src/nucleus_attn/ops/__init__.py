@@ -9,12 +9,15 @@ backend can call the ops unchanged.
 from .attention import dense_attention, gathered_scores, sparse_attention
 from .clusters import assign_nearest, centroid_scores, cluster_tokens, kmeans
 from .pages import (
+    PageStats,
     last_page_minmax,
     page_minmax,
     page_scores,
+    page_stats_reference,
     page_valid,
     pages_to_tokens,
     topk_pages,
+    topk_pages_uses_stats,
 )
 from .quant import dequantize_int4, int4_scores, int4_scores_range, quantize_int4
 from .select import (
@@ -35,6 +38,7 @@ from .topp import (
 )
 
 __all__ = [
+    "PageStats",
     "ScoreStats",
     "assign_nearest",
     "centroid_scores",
@@ -53,12 +57,14 @@ __all__ = [
     "last_page_minmax",
     "page_minmax",
     "page_scores",
+    "page_stats_reference",
     "page_valid",
     "pages_to_tokens",
     "quantize_int4",
     "score_stats",
     "sparse_attention",
     "topk_pages",
+    "topk_pages_uses_stats",
     "topp_select",
     "topp_select_range",
     "topp_threshold",

@@ -75,8 +75,9 @@ class LazyKernel:
     ``tl.constexpr`` switch inside one kernel instead.
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], do_not_specialize: tuple[str, ...] = ()) -> None:
         self.fn = fn
+        self.do_not_specialize = do_not_specialize
         self._jitted: dict[bool, Any] = {}
         functools.update_wrapper(self, fn)
 
@@ -85,13 +86,22 @@ class LazyKernel:
         if mode not in self._jitted:
             import triton
 
-            self._jitted[mode] = triton.jit(self.fn)
+            self._jitted[mode] = triton.jit(self.fn, do_not_specialize=self.do_not_specialize
+                                            or None)
         return self._jitted[mode][grid]
 
 
-def kernel(fn: Callable[..., Any]) -> LazyKernel:
-    """Decorator: a Triton kernel compiled (or interpreted) on its first launch."""
-    return LazyKernel(fn)
+def kernel(fn: Callable[..., Any] | None = None, *,
+           do_not_specialize: tuple[str, ...] = ()) -> Any:
+    """Decorator: a Triton kernel compiled (or interpreted) on its first launch.
+
+    ``do_not_specialize`` names int arguments that change from one decode step to the next
+    (chunk counts, budgets): Triton would otherwise compile a variant for each of their
+    divisibility classes (``% 16``, ``== 1``) as the cache grows.
+    """
+    if fn is None:
+        return lambda f: LazyKernel(f, tuple(do_not_specialize))
+    return LazyKernel(fn, tuple(do_not_specialize))
 
 
 # --- launch helpers ----------------------------------------------------------------------

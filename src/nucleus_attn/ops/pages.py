@@ -10,17 +10,22 @@ which is how Quest and Twilight's base selector avoid reading every key.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ..span import KeySpan
+from . import topk_split
 from ._dispatch import cdiv, kernel, last_dim_dense, next_pow2, row_strides, tl, use_triton
 from .select import compact, group_logsoftmax_max, keep_best, mask_to_indices
 
 MAX_ROW_PAGES = 1 << 16  # pages a row kernel keeps in registers (1M tokens at page 16)
-SCORES_BLOCK_P = 32  # pages per page_scores program (tuned on an H100, d=128)
+SCORES_BLOCK_P = 32  # pages per page_scores tile (tuned on an H100, d=128)
 SCORES_WARPS = 4
+SCORES_TILES = 1  # tiles per program when statistics are written (one chunk of the stats):
+# 4 tiles (fewer, longer programs) made Quest 55 us slower at 128k x 8 on an H200
+STATS_CHUNK = 128  # pages per chunk of the reference's PageStats
 
 
 def num_pages(n: int, page_size: int) -> int:
@@ -173,6 +178,59 @@ def last_page_minmax(k: Tensor, span: KeySpan, page_size: int) -> tuple[Tensor, 
 
 # --- page scores -------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class PageStats:
+    """Softmax statistics of page bounds at a softmax scale, per chunk of pages, from the
+    kernel that wrote the bounds: what :func:`topk_pages` needs to rank pages by the
+    group's log-softmax without reading the rows once more first.
+
+    Attributes
+    ----------
+    chunk : int
+        Pages per chunk: page ``i`` is in chunk ``i // chunk``.
+    scale : float
+        The softmax scale the statistics are of (``x = scale * bound``).
+    max, min : Tensor
+        ``[B, Hq, C]`` float32 largest / smallest finite ``x`` of each chunk (``-inf`` /
+        ``inf`` when the chunk has no page with a valid key).
+    sumexp : Tensor
+        ``[B, Hq, C]`` float32 ``sum(exp(x - max))`` over the chunk's finite ``x``.
+    workspace : Tensor or None
+        Zeroed int32 counters for the top-k kernel, zeroed inside the producer's launch;
+        used at most once.
+    """
+
+    chunk: int
+    scale: float
+    max: Tensor
+    min: Tensor
+    sumexp: Tensor
+    workspace: Tensor | None = field(default=None, repr=False, compare=False)
+    _taken: list[bool] = field(default_factory=lambda: [False], repr=False, compare=False)
+
+    def take_workspace(self, numel: int) -> Tensor | None:
+        """The producer's zeroed workspace, once, if it has ``numel`` elements."""
+        ws = self.workspace
+        if ws is None or self._taken[0] or ws.numel() != numel:
+            return None
+        self._taken[0] = True
+        return ws
+
+
+def page_stats_reference(bounds: Tensor, scale: float, chunk: int = STATS_CHUNK) -> PageStats:
+    """Reference :class:`PageStats` of ``[B, Hq, P]`` bounds (``-inf`` = no valid key)."""
+    b, hq, p = bounds.shape
+    c = max(1, -(-p // chunk))
+    x = torch.nn.functional.pad(bounds.float() * scale, (0, c * chunk - p),
+                                value=float("-inf")).view(b, hq, c, chunk)
+    fin = torch.isfinite(x)
+    mx = torch.where(fin, x, float("-inf")).amax(-1)
+    mn = torch.where(fin, x, float("inf")).amin(-1)
+    ref = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    se = torch.where(fin, torch.exp(x - ref[..., None]), torch.zeros_like(x)).sum(-1)
+    return PageStats(chunk, float(scale), mx, mn, se)
+
+
 def page_scores_reference(
     q: Tensor, kmin: Tensor, kmax: Tensor, span: KeySpan, page_size: int
 ) -> Tensor:
@@ -202,44 +260,79 @@ def page_scores_reference(
     return torch.where(alive, s, torch.full_like(s, float("-inf")))
 
 
-@kernel
+@kernel(do_not_specialize=("CS", "WS_N"))
 def _page_scores_kernel(
-    q_ptr, kmin_ptr, kmax_ptr, starts_ptr, ends_ptr, out_ptr,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kp, HKV, P, D,
-    GROUP: tl.constexpr, PAGE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr, kmin_ptr, kmax_ptr, starts_ptr, ends_ptr, out_ptr, smax_ptr, smin_ptr, ssum_ptr,
+    ws_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_kp, HKV, P, D, CS, WS_N, scale,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, PAGE: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr, TILES: tl.constexpr, STATS: tl.constexpr, ZB: tl.constexpr,
 ):
-    # one program per (sequence, KV head, block of pages); the bounds are read once and
-    # scored for every query head of the group
+    # one program per (sequence, KV head, TILES blocks of pages); the bounds are read once
+    # and scored for every query head of the group. STATS: also the chunk's max, min and
+    # sum of exp of scale * bound per query head (one chunk = this program's pages), and
+    # the top-k kernel's workspace zeroed (a share of it per program)
     bh = tl.program_id(0)
+    ct = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_p = offs_p < P
     mask_d = offs_d < D
-    m = mask_p[:, None] & mask_d[None, :]
     base = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    off = base + offs_p[:, None].to(tl.int64) * stride_kp + offs_d[None, :]
-    lo = tl.load(kmin_ptr + off, mask=m, other=0.0).to(tl.float32)
-    hi = tl.load(kmax_ptr + off, mask=m, other=0.0).to(tl.float32)
     start = tl.load(starts_ptr + b)
     end = tl.load(ends_ptr + b)
-    first = offs_p.to(tl.int64) * PAGE
-    alive = (first < end) & (first + PAGE > start)
     hq = HKV * GROUP
-    for j in range(GROUP):
-        qh = h * GROUP + j
-        qv = tl.load(q_ptr + b * stride_qb + qh * stride_qh + offs_d, mask=mask_d, other=0.0)
-        qv = qv.to(tl.float32)[None, :]
-        s = tl.sum(tl.maximum(qv * lo, qv * hi), axis=1)
-        s = tl.where(alive, s, float("-inf"))
-        tl.store(out_ptr + (b.to(tl.int64) * hq + qh) * P + offs_p, s, mask=mask_p)
+    g = tl.arange(0, BLOCK_G)
+    smx = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    smn = tl.full([BLOCK_G], float("inf"), tl.float32)
+    sse = tl.zeros([BLOCK_G], tl.float32)
+    for t in tl.static_range(TILES):
+        offs_p = (ct * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < P
+        m = mask_p[:, None] & mask_d[None, :]
+        off = base + offs_p[:, None].to(tl.int64) * stride_kp + offs_d[None, :]
+        lo = tl.load(kmin_ptr + off, mask=m, other=0.0).to(tl.float32)
+        hi = tl.load(kmax_ptr + off, mask=m, other=0.0).to(tl.float32)
+        first = offs_p.to(tl.int64) * PAGE
+        alive = (first < end) & (first + PAGE > start)
+        xs = tl.full([BLOCK_G, BLOCK_P], float("-inf"), tl.float32)  # the heads' scaled bounds
+        for j in range(GROUP):
+            qh = h * GROUP + j
+            qv = tl.load(q_ptr + b * stride_qb + qh * stride_qh + offs_d, mask=mask_d, other=0.0)
+            qv = qv.to(tl.float32)[None, :]
+            s = tl.sum(tl.maximum(qv * lo, qv * hi), axis=1)
+            s = tl.where(alive, s, float("-inf"))
+            tl.store(out_ptr + (b.to(tl.int64) * hq + qh) * P + offs_p, s, mask=mask_p)
+            if STATS:
+                x = tl.where(mask_p, s * scale, float("-inf"))
+                xs = tl.where((g == j)[:, None], x[None, :], xs)
+        if STATS:  # one reduction per statistic for all heads of the tile
+            fin = xs > float("-inf")
+            new = tl.maximum(smx, tl.max(xs, axis=1))
+            ref = tl.where(new > float("-inf"), new, 0.0)
+            add = tl.sum(tl.where(fin, tl.exp(xs - ref[:, None]), 0.0), axis=1)
+            sse = sse * tl.exp(smx - ref) + add
+            smx = new
+            smn = tl.minimum(smn, tl.min(tl.where(fin, xs, float("inf")), axis=1))
+    if STATS:
+        mg = g < GROUP
+        srow = (b.to(tl.int64) * hq + h * GROUP + g) * CS + ct
+        tl.store(smax_ptr + srow, smx, mask=mg)
+        tl.store(smin_ptr + srow, smn, mask=mg)
+        tl.store(ssum_ptr + srow, sse, mask=mg)
+        step = tl.num_programs(0) * tl.num_programs(1) * ZB
+        i = (ct * tl.num_programs(0) + bh) * ZB
+        while i < WS_N:
+            zz = i + tl.arange(0, ZB)
+            tl.store(ws_ptr + zz, tl.zeros([ZB], tl.int32), mask=zz < WS_N)
+            i += step
 
 
 def page_scores_triton(
-    q: Tensor, kmin: Tensor, kmax: Tensor, span: KeySpan, page_size: int
-) -> Tensor:
-    """Triton version of :func:`page_scores_reference` (same contract)."""
+    q: Tensor, kmin: Tensor, kmax: Tensor, span: KeySpan, page_size: int,
+    stats: bool = False, scale: float = 1.0,
+) -> Tensor | tuple[Tensor, PageStats]:
+    """Triton version of :func:`page_scores_reference` (same contract); with ``stats``
+    also the :class:`PageStats` of ``scale * bounds`` and a zeroed top-k workspace."""
     q, kmin, kmax = last_dim_dense(q), last_dim_dense(kmin), last_dim_dense(kmax)
     if kmin.stride() != kmax.stride():
         kmax = kmax.contiguous()
@@ -248,28 +341,45 @@ def page_scores_triton(
     hkv, p = kmin.shape[1], kmin.shape[2]
     out = torch.empty(b, hq, p, dtype=torch.float32, device=q.device)
     if p == 0:
-        return out
+        return (out, page_stats_reference(out, scale)) if stats else out
     block_d = next_pow2(d)
     block_p = max(1, min(SCORES_BLOCK_P, 8192 // block_d, next_pow2(p)))
-    _page_scores_kernel[(b * hkv, cdiv(p, block_p))](
-        q, kmin, kmax, span.starts, span.ends, out, q.stride(0), q.stride(1),
-        *row_strides(kmin), hkv, p, d,
-        GROUP=hq // hkv, PAGE=page_size, BLOCK_P=block_p, BLOCK_D=block_d,
-        num_warps=SCORES_WARPS,
+    tiles = max(1, min(SCORES_TILES, cdiv(p, block_p))) if stats else 1
+    cs = cdiv(p, block_p * tiles)
+    if stats:
+        st = [torch.empty(b, hq, cs, dtype=torch.float32, device=q.device) for _ in range(3)]
+        ws = torch.empty(b * hkv * topk_split.WORKSPACE_PER_ROW, dtype=torch.int32,
+                         device=q.device)
+    else:
+        st, ws = [out, out, out], out
+    _page_scores_kernel[(b * hkv, cs)](
+        q, kmin, kmax, span.starts, span.ends, out, *st, ws, q.stride(0), q.stride(1),
+        *row_strides(kmin), hkv, p, d, cs, ws.numel() if stats else 0, float(scale),
+        GROUP=hq // hkv, BLOCK_G=next_pow2(hq // hkv), PAGE=page_size, BLOCK_P=block_p,
+        BLOCK_D=block_d, TILES=tiles, STATS=stats, ZB=256, num_warps=SCORES_WARPS,
     )
-    return out
+    if not stats:
+        return out
+    return out, PageStats(block_p * tiles, float(scale), st[0], st[1], st[2], ws)
 
 
 def page_scores(
-    q: Tensor, kmin: Tensor, kmax: Tensor, span: KeySpan, page_size: int, *, impl: str = "auto"
-) -> Tensor:
-    """Quest page upper bounds; see :func:`page_scores_reference` for the contract."""
+    q: Tensor, kmin: Tensor, kmax: Tensor, span: KeySpan, page_size: int, *,
+    stats: bool = False, scale: float = 1.0, impl: str = "auto",
+) -> Tensor | tuple[Tensor, PageStats]:
+    """Quest page upper bounds; see :func:`page_scores_reference` for the contract.
+
+    With ``stats=True`` also returns their :class:`PageStats` at softmax scale ``scale``
+    (pass the ``scale`` that :func:`topk_pages` will get), written in the same pass, for
+    ``topk_pages(..., stats=...)``.
+    """
     if kmin.shape != kmax.shape or kmin.shape[-1] != q.shape[-1]:
         raise ValueError(f"kmin {tuple(kmin.shape)} and kmax {tuple(kmax.shape)} must both be "
                          f"[B, Hkv, P, d] with d={q.shape[-1]} as in q")
     if use_triton(impl, q, kmin, kmax):
-        return page_scores_triton(q, kmin, kmax, span, page_size)
-    return page_scores_reference(q, kmin, kmax, span, page_size)
+        return page_scores_triton(q, kmin, kmax, span, page_size, stats, scale)
+    out = page_scores_reference(q, kmin, kmax, span, page_size)
+    return (out, page_stats_reference(out, scale)) if stats else out
 
 
 # --- the best pages, as token positions --------------------------------------------------
@@ -467,12 +577,16 @@ def topk_pages_triton(
 
 def topk_pages(
     bounds: Tensor, num_kv_heads: int, span: KeySpan, page_size: int, k: int, sink: int,
-    window: int, scale: float, *, impl: str = "auto",
+    window: int, scale: float, *, stats: PageStats | None = None, impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """The best pages' token positions; see :func:`topk_pages_reference` for the contract.
 
-    The Triton path finds the k-th best page by bisection over the scores (no sort) and
-    breaks exact ties by page order; the reference leaves ties to ``torch.topk``.
+    The Triton path finds the k-th best page by a radix select over the scores (no sort)
+    and breaks exact ties by page order; the reference leaves ties to ``torch.topk``.
+    Rows of at least ``topk_split.SPLIT_MIN_PAGES`` pages are split over many programs
+    (:mod:`nucleus_attn.ops.topk_split`), starting from ``stats``: the
+    :class:`PageStats` that ``page_scores(..., stats=True, scale=scale)`` returned with
+    these bounds (computed here when None).
     """
     b, hq, p = bounds.shape
     if num_kv_heads < 1 or hq % num_kv_heads:
@@ -481,9 +595,36 @@ def topk_pages(
         raise ValueError(f"k={k} pages must be >= 1")
     if p * page_size < span.n:
         raise ValueError(f"P={p} pages of {page_size} do not cover the span's N={span.n}")
+    if stats is not None:
+        c = stats.max.shape[-1]
+        if (stats.max.shape != (b, hq, c) or c != -(-p // stats.chunk)
+                or stats.scale != float(scale)):
+            raise ValueError(f"stats (chunks of {stats.chunk} pages at scale {stats.scale}, "
+                             f"{tuple(stats.max.shape)}) do not belong to bounds "
+                             f"{tuple(bounds.shape)} at scale {scale}; pass the stats that "
+                             "page_scores(..., stats=True, scale=scale) returned with them")
     if use_triton(impl, bounds):
+        if topk_split.split_wanted(p, b * num_kv_heads):
+            if stats is None:
+                stats = page_stats_reference(bounds, scale)
+            cap = topk_pages_capacity(p, page_size, k, sink, window)
+            ws = stats.take_workspace(b * num_kv_heads * topk_split.WORKSPACE_PER_ROW)
+            return topk_split.topk_split(bounds.contiguous(), num_kv_heads, span, page_size, k,
+                                         sink, window, scale, stats.max.contiguous(),
+                                         stats.min.contiguous(), stats.sumexp.contiguous(),
+                                         ws, cap)
         return topk_pages_triton(bounds, num_kv_heads, span, page_size, k, sink, window, scale)
     return topk_pages_reference(bounds, num_kv_heads, span, page_size, k, sink, window, scale)
+
+
+def topk_pages_uses_stats(pages: int, batch: int, num_kv_heads: int, device: torch.device,
+                          impl: str = "auto") -> bool:
+    """Whether :func:`topk_pages` on these rows starts from the bounds' :class:`PageStats`
+    (its split kernel does), i.e. whether ``page_scores`` should write them: a host-side
+    decision from the shapes, no sync."""
+    if not use_triton(impl, torch.empty(0, device=device)):
+        return False
+    return topk_split.split_wanted(pages, batch * num_kv_heads)
 
 
 # --- pages -> tokens ---------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..span import KeySpan
+from . import topp_split
 from ._dispatch import (
     cdiv,
     dot_block,
@@ -155,8 +156,9 @@ def dequantize_int4(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
 
 # --- estimated scores over a candidate set -----------------------------------------------
 
-INT4_BLOCK_M = 128  # candidates per program (tuned on an H100 at the Llama-3-8B shape)
+INT4_BLOCK_M = 128  # candidates per tile (tuned on an H100 at the Llama-3-8B shape)
 INT4_WARPS = 4
+INT4_RANGE_TILES = 4  # tiles per program in range mode: its ScoreStats chunk is 4 tiles
 
 def int4_scores_reference(
     q: Tensor,
@@ -200,32 +202,33 @@ def int4_scores_reference(
     return torch.where(live, s, torch.full_like(s, float("-inf"))).view(b, hq, m)
 
 
-@kernel
+@kernel(do_not_specialize=("CS", "WS_N"))
 def _int4_scores_kernel(
-    q_ptr, codes_ptr, scale_ptr, zero_ptr, idx_ptr, counts_ptr, out_ptr,
+    q_ptr, codes_ptr, scale_ptr, zero_ptr, idx_ptr, counts_ptr, starts_ptr, ends_ptr, out_ptr,
+    smax_ptr, ssum_ptr, ws_ptr,
     stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_sb, stride_sh,
-    stride_ib, stride_ih, HKV, M, D2, sm_scale,
+    stride_ib, stride_ih, HKV, M, D2, CS, WS_N, sm_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D2: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_D2: tl.constexpr, TILES: tl.constexpr, DOT_F32: tl.constexpr, RANGE: tl.constexpr,
+    STATS: tl.constexpr, ZB: tl.constexpr,
 ):
-    # one program per (sequence, KV head, BLOCK_M candidates): each candidate's codes are
-    # read once and scored for the whole query group with two small matrix products,
+    # one program per (sequence, KV head, TILES * BLOCK_M candidates): each candidate's codes
+    # are read once and scored for the whole query group with two small matrix products,
     #   q . k^ = zero * sum(q) + scale * (q_even . code_lo + q_odd . code_hi)
+    # RANGE: candidate j is position j, live inside the sequence's span (no index list).
+    # STATS: also the program's max and sum of exp per query head (one ScoreStats chunk),
+    # and a share of the top-p kernel's workspace zeroed
     bh = tl.program_id(0)
+    ct = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    cnt = tl.load(counts_ptr + bh)
-    slot = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    live = slot < cnt
-    idx = tl.load(idx_ptr + b.to(tl.int64) * stride_ib + h * stride_ih + slot, mask=live,
-                  other=0).to(tl.int64)
+    if RANGE:
+        start = tl.load(starts_ptr + b)
+        end = tl.load(ends_ptr + b)
+    else:
+        cnt = tl.load(counts_ptr + bh)
     j = tl.arange(0, BLOCK_D2)
     mj = j < D2
-    cbase = codes_ptr + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
-    codes = tl.load(cbase + idx[:, None] * stride_cn + j[None, :],
-                    mask=live[:, None] & mj[None, :], other=0)
-    c_lo = codes & 15
-    c_hi = codes >> 4
     g = tl.arange(0, BLOCK_G)
     mg = g < GROUP
     qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * GROUP + g)[:, None] * stride_qh
@@ -235,20 +238,99 @@ def _int4_scores_kernel(
     if DOT_F32:
         q_ev = q_ev.to(tl.float32)
         q_od = q_od.to(tl.float32)
-        acc = tl.dot(q_ev, tl.trans(c_lo.to(tl.float32)), input_precision="ieee")
-        acc = tl.dot(q_od, tl.trans(c_hi.to(tl.float32)), acc, input_precision="ieee")
-    else:  # codes 0..15 are exact in 16-bit floats; products accumulate in float32
-        acc = tl.dot(q_ev, tl.trans(c_lo.to(q_ev.dtype)))
-        acc = tl.dot(q_od, tl.trans(c_hi.to(q_od.dtype)), acc)
     qsum = tl.sum(q_ev.to(tl.float32) + q_od.to(tl.float32), axis=1)
-    sbase = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + idx
-    sc = tl.load(scale_ptr + sbase, mask=live, other=0.0).to(tl.float32)
-    ze = tl.load(zero_ptr + sbase, mask=live, other=0.0).to(tl.float32)
-    s = (ze[None, :] * qsum[:, None] + sc[None, :] * acc) * sm_scale
-    s = tl.where(live[None, :], s, float("-inf"))
+    cbase = codes_ptr + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
     hq = HKV * GROUP
-    out = out_ptr + (b.to(tl.int64) * hq + h * GROUP + g[:, None]) * M + slot[None, :]
-    tl.store(out, s, mask=mg[:, None] & (slot < M)[None, :])
+    smx = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    sse = tl.zeros([BLOCK_G], tl.float32)
+    for t in tl.static_range(TILES):
+        slot = (ct * TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+        if RANGE:
+            live = (slot >= start) & (slot < end) & (slot < M)
+            idx = slot.to(tl.int64)
+        else:
+            live = slot < cnt
+            idx = tl.load(idx_ptr + b.to(tl.int64) * stride_ib + h * stride_ih + slot, mask=live,
+                          other=0).to(tl.int64)
+        codes = tl.load(cbase + idx[:, None] * stride_cn + j[None, :],
+                        mask=live[:, None] & mj[None, :], other=0)
+        c_lo = codes & 15
+        c_hi = codes >> 4
+        if DOT_F32:
+            acc = tl.dot(q_ev, tl.trans(c_lo.to(tl.float32)), input_precision="ieee")
+            acc = tl.dot(q_od, tl.trans(c_hi.to(tl.float32)), acc, input_precision="ieee")
+        else:  # codes 0..15 are exact in 16-bit floats; products accumulate in float32
+            acc = tl.dot(q_ev, tl.trans(c_lo.to(q_ev.dtype)))
+            acc = tl.dot(q_od, tl.trans(c_hi.to(q_od.dtype)), acc)
+        sbase = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + idx
+        sc = tl.load(scale_ptr + sbase, mask=live, other=0.0).to(tl.float32)
+        ze = tl.load(zero_ptr + sbase, mask=live, other=0.0).to(tl.float32)
+        s = (ze[None, :] * qsum[:, None] + sc[None, :] * acc) * sm_scale
+        s = tl.where(live[None, :], s, float("-inf"))
+        out = out_ptr + (b.to(tl.int64) * hq + h * GROUP + g[:, None]) * M + slot[None, :]
+        tl.store(out, s, mask=mg[:, None] & (slot < M)[None, :])
+        if STATS:
+            new = tl.maximum(smx, tl.max(s, axis=1))
+            ref = tl.where(new > float("-inf"), new, 0.0)
+            sse = sse * tl.exp(smx - ref) + tl.sum(tl.exp(s - ref[:, None]), axis=1)
+            smx = new
+    if STATS:
+        srow = (b.to(tl.int64) * hq + h * GROUP + g) * CS + ct
+        tl.store(smax_ptr + srow, smx, mask=mg)
+        tl.store(ssum_ptr + srow, sse, mask=mg)
+        step = tl.num_programs(0) * tl.num_programs(1) * ZB
+        i = (ct * tl.num_programs(0) + bh) * ZB
+        while i < WS_N:
+            zz = i + tl.arange(0, ZB)
+            tl.store(ws_ptr + zz, tl.zeros([ZB], tl.int32), mask=zz < WS_N)
+            i += step
+
+
+def _int4_launch(q: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, indices: Tensor | None,
+                 counts: Tensor | None, span: KeySpan | None, m: int, sm_scale: float,
+                 stats: bool) -> Tensor | tuple[Tensor, ScoreStats]:
+    """The int4 scores kernel over an index list (``indices``/``counts``) or, with
+    ``indices=None``, over the positions ``[0, m)`` live inside ``span``."""
+    q, codes = last_dim_dense(q), last_dim_dense(codes)
+    if scale.stride() != zero.stride():
+        scale, zero = scale.contiguous(), zero.contiguous()
+    b, hq, d = q.shape
+    hkv = codes.shape[1]
+    dev = q.device
+    out = torch.empty(b, hq, m, dtype=torch.float32, device=dev)
+    if m == 0:
+        return (out, score_stats(out)) if stats else out
+    g = hq // hkv
+    block_d2 = max(16, next_pow2(d // 2))
+    block_m = max(16, min(INT4_BLOCK_M, 8192 // block_d2, next_pow2(m)))
+    rng = indices is None
+    tiles = max(1, min(INT4_RANGE_TILES, cdiv(m, block_m))) if rng else 1
+    cs = cdiv(m, block_m * tiles)
+    if rng:
+        idx, cnt, istr = span.starts, span.starts, (0, 0)
+        starts, ends = span.starts, span.ends
+    else:
+        idx, cnt = last_dim_dense(indices), counts.contiguous()
+        istr = (idx.stride(0), idx.stride(1))
+        starts = ends = cnt
+    if stats:
+        smax = torch.empty(b, hq, cs, dtype=torch.float32, device=dev)
+        ssum = torch.empty_like(smax)
+        ws = torch.empty(topp_split.workspace_numel(b * hkv, g), dtype=torch.int32,
+                         device=dev)
+    else:
+        smax = ssum = out
+        ws = cnt
+    _int4_scores_kernel[(b * hkv, cs)](
+        q, codes, scale, zero, idx, cnt, starts, ends, out, smax, ssum, ws,
+        q.stride(0), q.stride(1), *row_strides(codes), scale.stride(0), scale.stride(1),
+        *istr, hkv, m, d // 2, cs, ws.numel() if stats else 0, float(sm_scale),
+        GROUP=g, BLOCK_G=dot_block(g), BLOCK_M=block_m, BLOCK_D2=block_d2, TILES=tiles,
+        DOT_F32=dot_in_f32(q), RANGE=rng, STATS=stats, ZB=256, num_warps=INT4_WARPS,
+    )
+    if not stats:
+        return out
+    return out, ScoreStats(block_m * tiles, smax, ssum, ws)
 
 
 def int4_scores_triton(
@@ -261,27 +343,8 @@ def int4_scores_triton(
     sm_scale: float,
 ) -> Tensor:
     """Triton version of :func:`int4_scores_reference` (same contract)."""
-    q, codes = last_dim_dense(q), last_dim_dense(codes)
-    if scale.stride() != zero.stride():
-        scale, zero = scale.contiguous(), zero.contiguous()
-    indices = last_dim_dense(indices)
-    counts = counts.contiguous()
-    b, hq, d = q.shape
-    hkv, m = indices.shape[1], indices.shape[2]
-    out = torch.empty(b, hq, m, dtype=torch.float32, device=q.device)
-    if m == 0:
-        return out
-    g = hq // hkv
-    block_d2 = max(16, next_pow2(d // 2))
-    block_m = max(16, min(INT4_BLOCK_M, 8192 // block_d2, next_pow2(m)))
-    _int4_scores_kernel[(b * hkv, cdiv(m, block_m))](
-        q, codes, scale, zero, indices, counts, out, q.stride(0), q.stride(1),
-        *row_strides(codes), scale.stride(0), scale.stride(1), indices.stride(0),
-        indices.stride(1), hkv, m, d // 2, float(sm_scale),
-        GROUP=g, BLOCK_G=dot_block(g), BLOCK_M=block_m, BLOCK_D2=block_d2,
-        DOT_F32=dot_in_f32(q), num_warps=INT4_WARPS,
-    )
-    return out
+    return _int4_launch(q, codes, scale, zero, indices, counts, None, indices.shape[2],
+                        sm_scale, False)
 
 
 def int4_scores(
@@ -305,9 +368,9 @@ def int4_scores(
         raise ValueError(f"codes hold d/2={codes.shape[-1]} bytes a key but q has "
                          f"d={q.shape[-1]}; quantize the keys of this cache")
     if use_triton(impl, q, codes, indices):
-        out = int4_scores_triton(q, codes, scale, zero, indices, counts, sm_scale)
-    else:
-        out = int4_scores_reference(q, codes, scale, zero, indices, counts, sm_scale)
+        return _int4_launch(q, codes, scale, zero, indices, counts, None, indices.shape[2],
+                            sm_scale, stats)
+    out = int4_scores_reference(q, codes, scale, zero, indices, counts, sm_scale)
     return (out, score_stats(out)) if stats else out
 
 
@@ -356,12 +419,6 @@ def int4_scores_range(
     n = span.n
     codes, scale, zero = codes[:, :, :n], scale[:, :, :n], zero[:, :, :n]
     if use_triton(impl, q, codes):
-        # until a range kernel exists: the index-list kernel over every position
-        b, hkv = codes.shape[0], codes.shape[1]
-        idx = span.positions().expand(b * hkv, n).reshape(b, hkv, n)
-        cnt = torch.full((b, hkv), n, dtype=torch.int64, device=q.device)
-        out = int4_scores_triton(q, codes, scale, zero, idx, cnt, sm_scale)
-        out = torch.where(span.valid_mask()[:, None, :], out, torch.full_like(out, float("-inf")))
-    else:
-        out = int4_scores_range_reference(q, codes, scale, zero, span, sm_scale)
+        return _int4_launch(q, codes, scale, zero, None, None, span, n, sm_scale, stats)
+    out = int4_scores_range_reference(q, codes, scale, zero, span, sm_scale)
     return (out, score_stats(out)) if stats else out

@@ -8,19 +8,26 @@ like the values for non-negative floats) ends on an exact weight after at most 3
 so the result equals the sort-based definition, ties at the threshold aside (all tied
 weights are kept). Each step is one masked sum per row: no sort, no host sync.
 
-The Triton path runs the same 32 steps on the same weights; its sums are added in another
-order than torch's, so where a candidate mass equals the target to within float32
-rounding (a relative 1e-7 or so) the two paths may settle on neighbouring weights.
+The Triton path has two kernels. Rows of at least ``topp_split.SPLIT_MIN_M`` candidates
+(and p < 1) take :mod:`nucleus_attn.ops.topp_split`: each row split over many programs,
+two histogram passes bracket the threshold and it is found exactly among the few weights
+left, starting from the per-chunk :class:`ScoreStats` of the kernel that wrote the
+logits. Shorter rows take one program per query head that runs the 32 bisection steps
+in registers. Either way the sums are added in another order than torch's, so where a
+candidate mass equals the target to within float32 rounding (a relative 1e-7 or so) the
+paths may settle on neighbouring weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ..span import KeySpan
+from . import topp_split
 from ._dispatch import cdiv, interpreting, kernel, next_pow2, tl, use_triton
 from .select import compact
 
@@ -44,11 +51,28 @@ class ScoreStats:
         ``[B, Hq, C]`` float32 largest logit of each chunk (``-inf`` when none is live).
     sumexp : Tensor
         ``[B, Hq, C]`` float32 ``sum(exp(l - max))`` over the chunk (0 when none is live).
+
+    Notes
+    -----
+    A producer kernel may also hand over ``workspace``: the zeroed int32 counters the top-p
+    kernel needs (zeroed inside the producer's own launch, which saves a memset launch).
+    It is used at most once; a second :func:`topp_select` on the same stats allocates its
+    own.
     """
 
     chunk: int
     max: Tensor
     sumexp: Tensor
+    workspace: Tensor | None = field(default=None, repr=False, compare=False)
+    _taken: list[bool] = field(default_factory=lambda: [False], repr=False, compare=False)
+
+    def take_workspace(self, numel: int) -> Tensor | None:
+        """The producer's zeroed workspace, once, if it has ``numel`` elements."""
+        ws = self.workspace
+        if ws is None or self._taken[0] or ws.numel() != numel:
+            return None
+        self._taken[0] = True
+        return ws
 
     def row_max_total(self) -> tuple[Tensor, Tensor]:
         """``[B, Hq]`` row maximum (0 for rows without a live logit) and the row's
@@ -429,10 +453,33 @@ def topp_select(
                          f"{tuple(indices.shape)}")
     _check_stats(stats, logits)
     if use_triton(impl, logits, indices):
+        if p < 1.0 and topp_split.split_wanted(m, b * hq, device=logits.device):
+            hkv = indices.shape[1]
+
+            def live() -> Tensor:  # (only built when the stats must be computed here)
+                return torch.arange(m, device=logits.device) < counts.repeat_interleave(
+                    hq // hkv, dim=1)[..., None]
+            x, smax, ssum, ws = _split_inputs(logits, stats, live, b * hkv, hq // hkv)
+            return topp_split.topp_split(x, hkv, p, smax, ssum, ws, indices=indices,
+                                         counts=counts, forced=forced, span=span, sink=sink,
+                                         window=window)
         return topp_select_triton(logits, indices, counts, p, forced, span=span, sink=sink,
                                   window=window)
     return topp_select_reference(logits, indices, counts, p, forced, span=span, sink=sink,
                                  window=window)
+
+
+def _split_inputs(logits: Tensor, stats: ScoreStats | None, live: Callable[[], Tensor],
+                  rows: int, group: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """float32 contiguous logits, their per-chunk max and sum of exp (the producer's, or
+    computed here over the live candidates, ``live()`` a ``[B, Hq or 1, M]`` mask) and the
+    producer's zeroed workspace if any."""
+    x = logits if logits.dtype == torch.float32 else logits.float()
+    x = x.contiguous()
+    if stats is None:
+        stats = score_stats(torch.where(live(), x, torch.full_like(x, float("-inf"))))
+    ws = stats.take_workspace(topp_split.workspace_numel(rows, group))
+    return x, stats.max.contiguous(), stats.sumexp.contiguous(), ws
 
 
 def _check_stats(stats: ScoreStats | None, logits: Tensor) -> None:
@@ -503,6 +550,12 @@ def topp_select_range(
     if not 0.0 < p <= 1.0:
         raise ValueError(f"p={p} must be in (0, 1]; use p=1.0 to keep every candidate")
     _check_stats(stats, logits)
-    # until a range kernel exists: the index-list path over the valid positions
+    if use_triton(impl, logits) and p < 1.0 and topp_split.split_wanted(n, range_mode=True):
+        x, smax, ssum, ws = _split_inputs(logits, stats, lambda: span.valid_mask()[:, None, :],
+                                          b * num_kv_heads,
+                                          hq // num_kv_heads)
+        return topp_split.topp_split(x, num_kv_heads, p, smax, ssum, ws, span=span, sink=sink,
+                                     window=window)
+    # short rows: the index-list path over the valid positions
     x, cand, cnt = _range_candidates(logits, span, num_kv_heads)
     return topp_select(x, cand, cnt, p, span=span, sink=sink, window=window, impl=impl)
