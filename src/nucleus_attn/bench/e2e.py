@@ -75,7 +75,10 @@ class Row:
 
     @property
     def config(self) -> MethodConfig:
-        return parse_method(self.spec)
+        """The row's method; the crossover rule is off (``dense_below=0``) unless the spec
+        sets it, so that a method row measures the method, not the rule."""
+        cfg = parse_method(self.spec)
+        return cfg.replace(dense_below=0) if cfg.dense_below is None else cfg
 
 
 def method_rows(n: int, fractions: list[float], methods: list[str]) -> list[Row]:

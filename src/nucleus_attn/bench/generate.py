@@ -178,7 +178,9 @@ def run_row(model: Any, row: Row, mode: str, ids: torch.Tensor, cache: Any, base
         if compiled:
             kwargs["compile_config"] = compile_config(device)
     else:
-        handle = na.enable(model, parse_method(row.spec), dense_layers=DENSE_LAYERS,
+        cfg = parse_method(row.spec)  # the method itself, not the crossover rule:
+        cfg = cfg.replace(dense_below=0) if cfg.dense_below is None else cfg
+        handle = na.enable(model, cfg, dense_layers=DENSE_LAYERS,
                            stats=warmup, compile=compile_config(device) if compiled else False)
         if compiled:  # our own (pre-filled) static cache instead of the one compile= asks
             kwargs["cache_implementation"] = None
