@@ -7,7 +7,14 @@ backend can call the ops unchanged.
 """
 
 from .attention import dense_attention, gathered_scores, sparse_attention
-from .clusters import assign_nearest, centroid_scores, cluster_tokens, kmeans
+from .clusters import (
+    assign_nearest,
+    centroid_scores,
+    cluster_spread,
+    cluster_tokens,
+    kmeans,
+    split_outliers,
+)
 from .pages import (
     last_page_minmax,
     page_minmax,
@@ -24,6 +31,14 @@ from .select import (
     keep_best,
     mask_to_indices,
 )
+from .tactic_select import (
+    ClusterMasses,
+    ClusterRanking,
+    append_clusters,
+    cluster_lse,
+    rank_clusters,
+    tactic_cut,
+)
 from .topp import (
     ScoreStats,
     score_stats,
@@ -35,9 +50,14 @@ from .topp import (
 )
 
 __all__ = [
+    "ClusterMasses",
+    "ClusterRanking",
     "ScoreStats",
+    "append_clusters",
     "assign_nearest",
     "centroid_scores",
+    "cluster_lse",
+    "cluster_spread",
     "cluster_tokens",
     "compact",
     "dense_attention",
@@ -56,8 +76,11 @@ __all__ = [
     "page_valid",
     "pages_to_tokens",
     "quantize_int4",
+    "rank_clusters",
     "score_stats",
     "sparse_attention",
+    "split_outliers",
+    "tactic_cut",
     "topk_pages",
     "topp_select",
     "topp_select_range",

@@ -204,6 +204,76 @@ def kmeans(
     return cents, labels, sizes
 
 
+def split_outliers(
+    k: Tensor, centroids: Tensor, labels: Tensor, sizes: Tensor, count: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Make the ``count`` keys of each row farthest from their centroid singleton clusters.
+
+    A cluster's centroid stands for its members when clusters are ranked by ``q . c``; a
+    key far from it (an attention sink, a needle among filler text) can have a large
+    ``q . k`` while its cluster ranks low. As a cluster of its own its centroid is the key
+    itself, so its score is exact. The clusters it left keep their other members, and
+    their centroids move to the mean of those.
+
+    Parameters
+    ----------
+    k : Tensor
+        ``[B, H, N, d]`` keys.
+    centroids, labels, sizes : Tensor
+        A clustering of them as returned by :func:`kmeans` (``labels`` -1 = not clustered).
+    count : int
+        Singleton clusters added per row (rows with fewer clustered keys get empty ones).
+
+    Returns
+    -------
+    centroids, labels, sizes : Tensor
+        ``[B, H, C + count, d]`` float32, ``[B, H, N]``, ``[B, H, C + count]`` int64; the
+        singletons are the clusters ``C .. C + count - 1``.
+    """
+    b, h, n, d = k.shape
+    c = sizes.shape[-1]
+    count = min(count, n)
+    if count <= 0:
+        return centroids, labels, sizes
+    kf = k.float()
+    lab = labels.clamp(min=0)
+    res = kf - centroids.gather(2, lab[..., None].expand(b, h, n, d))
+    dist = torch.where(labels >= 0, (res * res).sum(-1), torch.full_like(res[..., 0], -1.0))
+    top = torch.topk(dist, count, dim=-1).indices  # [B, H, count]
+    real = dist.gather(-1, top) >= 0  # padding never becomes a cluster
+    new = c + torch.arange(count, device=k.device).expand(b, h, count)
+    old = labels.gather(-1, top)
+    labels = labels.scatter(-1, top, torch.where(real, new, old))
+    sizes = torch.cat([sizes, torch.zeros_like(sizes[..., :count])], -1)
+    sizes = sizes.scatter_add(-1, old.clamp(min=0), -real.long())
+    sizes = sizes.scatter_add(-1, new, real.long())
+    # centroids of every cluster from its members (left ones move, singletons are keys)
+    w = (labels >= 0)[..., None].float()
+    sums = torch.zeros(b, h, c + count, d, device=k.device).scatter_add_(
+        2, labels.clamp(min=0)[..., None].expand(b, h, n, d), kf * w)
+    pad = torch.cat([centroids, torch.zeros_like(centroids[:, :, :count])], 2)
+    cents = torch.where(sizes[..., None] > 0, sums / sizes.clamp(min=1)[..., None], pad)
+    return cents, labels, sizes
+
+
+def cluster_spread(k: Tensor, centroids: Tensor, labels: Tensor, sizes: Tensor) -> Tensor:
+    """Mean squared distance of each cluster's keys to its centroid, per dimension.
+
+    ``sigma^2 = mean_k |k - c|^2 / d``: with it, ``q . c + |q|^2 sigma^2 / 2`` is the log of a
+    member's mean ``exp(q . k)`` when the keys spread like an isotropic Gaussian around
+    ``c``, which ranks a cluster of varied keys above a tight one with the same centroid
+    score (what Tactic's ranking needs: the clusters that hold the most attention).
+
+    Returns ``[B, H, C]`` float32 (0 for empty clusters).
+    """
+    b, h, n, d = k.shape
+    lab = labels.clamp(min=0)
+    res = k.float() - centroids.float().gather(2, lab[..., None].expand(b, h, n, d))
+    r2 = torch.where(labels >= 0, (res * res).sum(-1), torch.zeros_like(res[..., 0]))
+    tot = torch.zeros(sizes.shape, device=k.device).scatter_add_(-1, lab, r2)
+    return tot / (sizes.clamp(min=1).float() * d)
+
+
 # --- centroid scores ---------------------------------------------------------------------
 
 def centroid_scores_reference(q: Tensor, centroids: Tensor, sizes: Tensor, scale: float) -> Tensor:
