@@ -33,7 +33,6 @@ decoding; under CUDA-graph replay (no Python runs) the integration calls
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -156,8 +155,7 @@ class ClusterState:
     def build(k: Tensor, span: KeySpan, cfg: TacticConfig) -> ClusterState:
         """Cluster the valid keys (K-means, outlier singletons, spreads, member lists)."""
         cents, labels, sizes = ops.kmeans(k, span, cfg.cluster_size, cfg.iterations, cfg.segment)
-        cents, labels, sizes = ops.split_outliers(k, cents, labels, sizes,
-                                                  math.ceil(cfg.outliers * k.shape[2]))
+        cents, labels, sizes = ops.split_outliers(k, cents, labels, sizes, cfg.outliers)
         spread = ops.cluster_spread(k, cents, labels, sizes)
         c = sizes.shape[-1]
         # members in cluster order (padding, label -1, after every cluster)

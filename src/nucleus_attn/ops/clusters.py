@@ -205,9 +205,9 @@ def kmeans(
 
 
 def split_outliers(
-    k: Tensor, centroids: Tensor, labels: Tensor, sizes: Tensor, count: int
+    k: Tensor, centroids: Tensor, labels: Tensor, sizes: Tensor, fraction: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Make the ``count`` keys of each row farthest from their centroid singleton clusters.
+    """Make the keys farthest from their centroid singleton clusters.
 
     A cluster's centroid stands for its members when clusters are ranked by ``q . c``; a
     key far from it (an attention sink, a needle among filler text) can have a large
@@ -221,37 +221,40 @@ def split_outliers(
         ``[B, H, N, d]`` keys.
     centroids, labels, sizes : Tensor
         A clustering of them as returned by :func:`kmeans` (``labels`` -1 = not clustered).
-    count : int
-        Singleton clusters added per row (rows with fewer clustered keys get empty ones).
+    fraction : float
+        Share of each row's clustered keys split off: ``ceil(fraction * clustered)`` of
+        them (so that padding does not change how a sequence is clustered), in
+        ``ceil(fraction * N)`` new cluster slots (unused slots stay empty).
 
     Returns
     -------
     centroids, labels, sizes : Tensor
-        ``[B, H, C + count, d]`` float32, ``[B, H, N]``, ``[B, H, C + count]`` int64; the
-        singletons are the clusters ``C .. C + count - 1``.
+        ``[B, H, C + S, d]`` float32, ``[B, H, N]``, ``[B, H, C + S]`` int64 with
+        ``S = ceil(fraction * N)``; the singletons are the clusters ``C ..``.
     """
     b, h, n, d = k.shape
     c = sizes.shape[-1]
-    count = min(count, n)
-    if count <= 0:
+    slots = min(n, math.ceil(fraction * n))
+    if slots <= 0:
         return centroids, labels, sizes
     kf = k.float()
     lab = labels.clamp(min=0)
     res = kf - centroids.gather(2, lab[..., None].expand(b, h, n, d))
     dist = torch.where(labels >= 0, (res * res).sum(-1), torch.full_like(res[..., 0], -1.0))
-    top = torch.topk(dist, count, dim=-1).indices  # [B, H, count]
-    real = dist.gather(-1, top) >= 0  # padding never becomes a cluster
-    new = c + torch.arange(count, device=k.device).expand(b, h, count)
+    top = torch.topk(dist, slots, dim=-1).indices  # [B, H, slots], farthest first
+    want = torch.ceil(fraction * (labels >= 0).sum(-1, keepdim=True).double()).clamp(max=slots)
+    real = torch.arange(slots, device=k.device) < want  # the row's share, never padding
+    new = c + torch.arange(slots, device=k.device).expand(b, h, slots)
     old = labels.gather(-1, top)
     labels = labels.scatter(-1, top, torch.where(real, new, old))
-    sizes = torch.cat([sizes, torch.zeros_like(sizes[..., :count])], -1)
+    sizes = torch.cat([sizes, torch.zeros_like(sizes[..., :slots])], -1)
     sizes = sizes.scatter_add(-1, old.clamp(min=0), -real.long())
     sizes = sizes.scatter_add(-1, new, real.long())
     # centroids of every cluster from its members (left ones move, singletons are keys)
     w = (labels >= 0)[..., None].float()
-    sums = torch.zeros(b, h, c + count, d, device=k.device).scatter_add_(
+    sums = torch.zeros(b, h, c + slots, d, device=k.device).scatter_add_(
         2, labels.clamp(min=0)[..., None].expand(b, h, n, d), kf * w)
-    pad = torch.cat([centroids, torch.zeros_like(centroids[:, :, :count])], 2)
+    pad = torch.cat([centroids, torch.zeros_like(centroids[:, :, :slots])], 2)
     cents = torch.where(sizes[..., None] > 0, sums / sizes.clamp(min=1)[..., None], pad)
     return cents, labels, sizes
 

@@ -322,7 +322,8 @@ def _rank_bins_kernel(
     big = tl.max(pm, axis=1)
     bs = tl.where(big > float("-inf"), big, 0.0)
     tot = tl.sum(pl * tl.exp(pm - bs[:, None]), axis=1)
-    lse = tl.where(tot > 0, bs + tl.log(tl.maximum(tot, 1e-30)), float("inf"))  # +inf: the head scores nothing
+    # log-softmax normaliser; +inf where the query head scores no cluster at all
+    lse = tl.where(tot > 0, bs + tl.log(tl.maximum(tot, 1e-30)), float("inf"))
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mc = offs < C
     st = tl.load(s_ptr + hrow[:, None] * C + offs[None, :], mask=mg[:, None] & mc[None, :],
