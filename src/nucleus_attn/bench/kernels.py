@@ -195,11 +195,10 @@ def floor_bytes(kind: str, b: int, n: int, shape: Shape, kept: float, cfg: Any =
         int4 = candidates * (shape.d // 2 + 2 * shape.es + INDEX_BYTES)
         return pages + int4 + kv_bytes(kept, shape)
     if kind == "tactic":
-        clusters = rows * math.ceil(n / cfg.cluster_size)
-        cent = clusters * (shape.d * shape.es + 8)  # centroids (keys' dtype), int64 sizes
-        exact = rows * (math.ceil(cfg.exact_fraction * n) + 2 * cfg.sample_tokens
-                        + cfg.sink + cfg.window)
-        return cent + exact * (shape.d * shape.es + INDEX_BYTES) + kv_bytes(kept, shape)
+        from . import tactic
+
+        return tactic.floor_bytes(b, n, shape.hkv, shape.d, shape.es, shape.hq // shape.hkv,
+                                  cfg, kept)
     raise ValueError(f"unknown kind {kind!r}")
 
 
@@ -337,21 +336,11 @@ def profile_point(n: int, b: int, shape: Shape, bw: float, seed: int,
      att.PROGRAMS_PER_SM) = saved
     if not with_tactic:
         return out
-    cfg = make_config("tactic", p=0.9)
-    st = new_state(cfg, k, span)
-    c = st.centroids.shape[2]
-    stage("tactic", "centroid_scores", lambda: ops.centroid_scores(q, st.centroids, st.sizes,
-                                                                   scale),
-          rows * c * (shape.d * st.centroids.element_size() + 8))
-    from ..methods import spec_of
+    from . import tactic
 
-    sel = stage("tactic", "select (all)", lambda: spec_of(cfg).select(q, k, st, span, cfg,
-                                                                      scale), 0.0)
-    stage("tactic", "sparse_attention", lambda: ops.sparse_attention(q, k, v, sel.indices,
-                                                                     sel.counts, scale),
-          kv_bytes(sel.counts.sum().item(), shape))
-    stage("tactic", "whole step", lambda: decode_step(q, k, v, cfg, st, span, scale,
-                                                      padded=False), 0.0)
+    info = tactic.profile_stages(q, k, v, span, scale, stage, device)
+    out[-1].update(info)  # kept and scored fractions, launches, on the whole-step row
+    print(f"tactic: {info}")
     if device.type == "cuda":  # where a whole step's time goes, kernel by kernel
         for method, params in (("twilight", {"p": 0.9}), ("tactic", {"p": 0.9})):
             c2 = make_config(method, **params)
@@ -555,6 +544,13 @@ def main(out: str = "results", quick: bool = False, ns: list[int] | None = None,
                 torch.cuda.empty_cache()
     rows.sort(key=lambda r: (r["n"], r["batch"]))
     print_table(rows, meta)
+    if "tactic" in (methods or ROW_METHODS):  # what clustering adds to prefill
+        from . import tactic
+
+        meta["tactic_prefill"] = tactic.prefill_rows(
+            [512] if quick else [32768, 131072], shape.hq, shape.hkv, shape.d, shape.dtype,
+            device, quick)
+        tactic.print_prefill(meta["tactic_prefill"])
     if profile is not None:  # last: a stage that fails cannot cost the rows above
         write_results(stem, meta, rows)
         meta["profile"] = profile_point(profile[0], profile[1], shape, bw, seed, device, quick,

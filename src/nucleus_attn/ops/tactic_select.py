@@ -784,6 +784,7 @@ def _tactic_cut_kernel(
     HKV, C, J, M, FCAP, sink, window, p,
     GROUP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr, NB: tl.constexpr,
     BLOCK_F: tl.constexpr, SCRATCH: tl.constexpr, PREFIX: tl.constexpr, TICKET: tl.constexpr,
+    FIX: tl.constexpr,
 ):
     # one program per (sequence, query head): masses in units of exp(l - m), the fit
     # through the segments, the estimated mass of each prefix of bins and the shortest one
@@ -813,28 +814,35 @@ def _tactic_cut_kernel(
         big = tl.maximum(big, tl.max(v, axis=0))
         i0 += BLOCK_L
     ms = tl.where(big > float("-inf"), big, 0.0)
-    e_fixed = tl.sum(tl.exp(fl - ms), axis=0)
-    e_head = 0.0
-    y1 = 0.0
-    n1 = 0.0
-    y2 = 0.0
-    n2 = 0.0
+    # masses in [0, 1] units of exp(l - m) are summed as 40-bit fixed point in int64: sums
+    # in any order are equal, so the cut does not depend on the order of the list (which
+    # the programs of the previous kernel claimed by atomics)
+    e_fixed = tl.sum((tl.exp(fl - ms) * FIX).to(tl.int64), axis=0)
+    e_head = tl.sum(tl.zeros([2], tl.int64), axis=0)
+    y1 = e_head
+    y2 = e_head
+    n1 = e_head
+    n2 = e_head
     i0 = 0
     while i0 < cnt:
         mi = i0 + i < cnt
-        e = tl.exp(tl.load(lbase + i0 + i, mask=mi, other=float("-inf")) - ms)
+        e = (tl.exp(tl.load(lbase + i0 + i, mask=mi, other=float("-inf")) - ms) * FIX)
+        e = e.to(tl.int64)
         bn = tl.load(lbins_ptr + cbase + i0 + i, mask=mi, other=NB)
-        nt = tl.load(ntok_ptr + cbase + i0 + i, mask=mi, other=0).to(tl.float32)
-        e_head += tl.sum(tl.where(bn < hb, e, 0.0), axis=0)
+        nt = tl.load(ntok_ptr + cbase + i0 + i, mask=mi, other=0).to(tl.int64)
+        e_head += tl.sum(tl.where(bn < hb, e, 0), axis=0)
         s1 = (bn >= lo1) & (bn <= hi1)
         s2 = (bn >= lo2) & (bn <= hi2)
-        y1 += tl.sum(tl.where(s1, e, 0.0), axis=0)
-        n1 += tl.sum(tl.where(s1, nt, 0.0), axis=0)
-        y2 += tl.sum(tl.where(s2, e, 0.0), axis=0)
-        n2 += tl.sum(tl.where(s2, nt, 0.0), axis=0)
+        y1 += tl.sum(tl.where(s1, e, 0), axis=0)
+        n1 += tl.sum(tl.where(s1, nt, 0), axis=0)
+        y2 += tl.sum(tl.where(s2, e, 0), axis=0)
+        n2 += tl.sum(tl.where(s2, nt, 0), axis=0)
         i0 += BLOCK_L
-    y1 = y1 / tl.maximum(n1, 1.0)
-    y2 = y2 / tl.maximum(n2, 1.0)
+    y1 = y1.to(tl.float32) / FIX / tl.maximum(n1, 1).to(tl.float32)
+    y2 = y2.to(tl.float32) / FIX / tl.maximum(n2, 1).to(tl.float32)
+    e_fixed_i = e_fixed
+    e_fixed = e_fixed.to(tl.float32) / FIX
+    e_head = e_head.to(tl.float32) / FIX
     x1 = tl.where(lo1 <= hi1, (tl.load(sbase + lo1) + tl.load(sbase + hi1 + 1)).to(tl.float32)
                   / 2 + 0.5, tl.load(pbase + 5).to(tl.float32) + 0.5)
     x2 = tl.where(lo2 <= hi2, (tl.load(sbase + lo2) + tl.load(sbase + hi2 + 1)).to(tl.float32)
@@ -866,15 +874,15 @@ def _tactic_cut_kernel(
         hi = hb
         while lo < hi:
             mid = (lo + hi) // 2
-            acc = e_fixed
+            acc = e_fixed_i
             i0 = 0
             while i0 < cnt:
                 mi = i0 + i < cnt
-                e = tl.exp(tl.load(lbase + i0 + i, mask=mi, other=float("-inf")) - ms)
+                e = (tl.exp(tl.load(lbase + i0 + i, mask=mi, other=float("-inf")) - ms) * FIX)
                 bn = tl.load(lbins_ptr + cbase + i0 + i, mask=mi, other=NB)
-                acc += tl.sum(tl.where(bn < mid, e, 0.0), axis=0)
+                acc += tl.sum(tl.where(bn < mid, e.to(tl.int64), 0), axis=0)
                 i0 += BLOCK_L
-            if acc >= target:
+            if acc.to(tl.float32) / FIX >= target:
                 hi = mid
             else:
                 lo = mid + 1
@@ -953,7 +961,7 @@ def tactic_cut_triton(
         counts, hkv, c, j, n, fixed_capacity, sink, window, float(p), GROUP=g,
         BLOCK_L=max(16, min(1024, next_pow2(c))), BLOCK_J=max(2, next_pow2(j)), NB=RANK_BINS,
         BLOCK_F=max(16, min(1024, next_pow2(fixed_capacity))), SCRATCH=_SCRATCH,
-        PREFIX=_PREFIX, TICKET=_TICKET_CUT, num_warps=4,
+        PREFIX=_PREFIX, TICKET=_TICKET_CUT, FIX=float(2**40), num_warps=4,
     )
     prefix = scratch[:, _PREFIX].view(b, hkv)
     return prefix, out, counts
@@ -1023,53 +1031,73 @@ def append_clusters_reference(
 @kernel
 def _append_clusters_kernel(
     members_ptr, offsets_ptr, sizes_ptr, bins_ptr, prefix_ptr, stride_pb, stride_pj,
-    out_ptr, counts_ptr, HKV, C, LM, M, CB: tl.constexpr, S: tl.constexpr,
+    out_ptr, counts_ptr, tot_ptr, HKV, C, LM, M, NCH,
+    CB: tl.constexpr, S: tl.constexpr, BLOCK_CH: tl.constexpr, EMIT: tl.constexpr,
 ):
-    # one program per (sequence, KV head, CB clusters): the kept ones claim room in the
-    # row's list by an atomic and copy their members, S lanes at a time
+    # one program per (sequence, KV head, CB clusters). Pass 1 (EMIT=False): the chunk's
+    # kept tokens into tot[row, 1 + chunk] (chunk 0 also copies the list's length to
+    # tot[row, 0]). Pass 2: each chunk writes its kept clusters' members, S lanes at a
+    # time, after the list and the chunks before it (a fixed order: the attention sums in
+    # the same order at every replay), and chunk 0 writes the new length.
     row = tl.program_id(0)
-    c = tl.program_id(1) * CB + tl.arange(0, CB)
+    chunk = tl.program_id(1)
+    c = chunk * CB + tl.arange(0, CB)
     mc = c < C
     cbase = row.to(tl.int64) * C
     prefix = tl.load(prefix_ptr + (row // HKV) * stride_pb + (row % HKV) * stride_pj)
     size = tl.load(sizes_ptr + cbase + c, mask=mc, other=0)
     bn = tl.load(bins_ptr + cbase + c, mask=mc, other=0)
     ks = tl.where(mc & (size > 0) & (bn < prefix), size, 0)
-    total = tl.sum(ks, axis=0)
-    if total == 0:
-        return
-    base = tl.atomic_add(counts_ptr + row, total)
-    local = base + tl.cumsum(ks, axis=0) - ks
-    off = tl.load(offsets_ptr + cbase + c, mask=ks > 0, other=0)
-    longest = tl.max(ks, axis=0)
-    lane = tl.arange(0, S)
-    l0 = 0
-    while l0 < longest:
-        ml = (l0 + lane)[None, :] < ks[:, None]
-        pos = tl.load(members_ptr + row.to(tl.int64) * LM + off[:, None] + l0 + lane[None, :],
-                      mask=ml, other=0)
-        dst = local[:, None] + l0 + lane[None, :]
-        tl.store(out_ptr + row.to(tl.int64) * M + dst, pos.to(tl.int64), mask=ml & (dst < M))
-        l0 += S
+    tbase = tot_ptr + row.to(tl.int64) * (NCH + 1)
+    if not EMIT:
+        tl.store(tbase + 1 + chunk, tl.sum(ks, axis=0))
+        if chunk == 0:
+            tl.store(tbase, tl.load(counts_ptr + row))
+    else:
+        j = tl.arange(0, BLOCK_CH)
+        tot = tl.load(tbase + j, mask=j <= NCH, other=0)
+        if chunk == 0:
+            tl.store(counts_ptr + row, tl.sum(tot, axis=0))
+        base = tl.sum(tl.where(j <= chunk, tot, 0), axis=0)  # the list, then earlier chunks
+        local = base + tl.cumsum(ks, axis=0) - ks
+        off = tl.load(offsets_ptr + cbase + c, mask=ks > 0, other=0)
+        longest = tl.max(ks, axis=0)
+        lane = tl.arange(0, S)
+        l0 = 0
+        while l0 < longest:
+            ml = (l0 + lane)[None, :] < ks[:, None]
+            pos = tl.load(members_ptr + row.to(tl.int64) * LM + off[:, None] + l0
+                          + lane[None, :], mask=ml, other=0)
+            dst = local[:, None] + l0 + lane[None, :]
+            tl.store(out_ptr + row.to(tl.int64) * M + dst, pos.to(tl.int64),
+                     mask=ml & (dst < M))
+            l0 += S
+
+
+APPEND_CLUSTERS, APPEND_LANES = 64, 16  # clusters per program, member lanes per step
 
 
 def append_clusters_triton(
     indices: Tensor, counts: Tensor, members: Tensor, offsets: Tensor, sizes: Tensor,
     bins: Tensor, prefix: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Triton version of :func:`append_clusters_reference` (one launch); clusters are
-    appended in the order their programs claim room (each cluster's members stay in order)."""
+    """Triton version of :func:`append_clusters_reference` (two launches: chunk totals,
+    then the copy), same order as the reference."""
     b, h, c = sizes.shape
     if not (indices.is_contiguous() and counts.is_contiguous()):
         raise ValueError("append_clusters: indices and counts must be contiguous (they are "
                          "updated in place)")
     members, offsets, sizes = members.contiguous(), offsets.contiguous(), sizes.contiguous()
-    cb, lanes = 64, 16
-    _append_clusters_kernel[(b * h, cdiv(c, cb))](
-        members, offsets, sizes, bins.contiguous(), prefix, prefix.stride(0), prefix.stride(1),
-        indices, counts, h, c, members.shape[-1], indices.shape[-1], CB=cb, S=lanes,
-        num_warps=4,
-    )
+    bins = bins.contiguous()
+    nch = cdiv(c, APPEND_CLUSTERS)
+    tot = torch.empty(b * h, nch + 1, dtype=torch.int64, device=sizes.device)
+    for emit in (False, True):
+        _append_clusters_kernel[(b * h, nch)](
+            members, offsets, sizes, bins, prefix, prefix.stride(0), prefix.stride(1),
+            indices, counts, tot, h, c, members.shape[-1], indices.shape[-1], nch,
+            CB=APPEND_CLUSTERS, S=APPEND_LANES, BLOCK_CH=next_pow2(nch + 1), EMIT=emit,
+            num_warps=4,
+        )
     return indices, counts
 
 
