@@ -891,17 +891,17 @@ def _tactic_cut_kernel(
         # past the head: the bins whose estimated prefix mass is still short of the target
         jb = tl.arange(0, NB)
         sx = tl.load(sbase + jb).to(tl.float32)
-        xe = tl.minimum(tl.maximum(sx, tl.sum(tl.where(tl.arange(0, 2) == 0, hv, 0.0),
+        xb = tl.minimum(tl.maximum(sx, tl.sum(tl.where(tl.arange(0, 2) == 0, hv, 0.0),
                                                 axis=0)), cap)
-        small = tl.zeros([NB], tl.float32)
+        small_b = tl.zeros([NB], tl.float32)
         for t in tl.static_range(1, 16):
-            small += tl.where(xe >= t, 1.0 / t, 0.0)
-        bg = tl.maximum(xe, 16.0)
-        inv = 1.0 / bg
-        harm = tl.where(xe < 16, small,
-                        tl.log(bg) + 0.5772156649015329 + 0.5 * inv - inv * inv / 12
-                        + inv * inv * inv * inv / 120)
-        mass = e_fixed + e_head + (fa * harm + fb * xe) - f_head
+            small_b += tl.where(xb >= t, 1.0 / t, 0.0)
+        bgb = tl.maximum(xb, 16.0)
+        invb = 1.0 / bgb
+        harm_b = tl.where(xb < 16, small_b,
+                          tl.log(bgb) + 0.5772156649015329 + 0.5 * invb - invb * invb / 12
+                          + invb * invb * invb * invb / 120)
+        mass = e_fixed + e_head + (fa * harm_b + fb * xb) - f_head
         need = tl.sum(((mass < target) | (jb <= hb)).to(tl.int32), axis=0)
     srow = scratch_ptr + row.to(tl.int64) * SCRATCH
     tl.atomic_max(srow + PREFIX, need)
@@ -917,11 +917,11 @@ def _tactic_cut_kernel(
         a = tl.maximum(a, e0 - (FCAP - n_sink))
         count = n_sink + e0 - a
         written = 0
-        t = tl.arange(0, BLOCK_F)
+        tf = tl.arange(0, BLOCK_F)
         f0 = 0
         while f0 < count:
-            live = (f0 + t < count) & (f0 + t < FCAP)
-            pos = tl.where(f0 + t < n_sink, s0 + f0 + t, a + f0 + t - n_sink)
+            live = (f0 + tf < count) & (f0 + tf < FCAP)
+            pos = tl.where(f0 + tf < n_sink, s0 + f0 + tf, a + f0 + tf - n_sink)
             lab = tl.load(labels_ptr + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
                           + pos, mask=live, other=-1)
             kb = tl.load(cbins_ptr + cbase + lab, mask=live & (lab >= 0), other=NB)
