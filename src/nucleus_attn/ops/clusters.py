@@ -204,6 +204,19 @@ def kmeans(
     return cents, labels, sizes
 
 
+def _residual_norms(k: Tensor, centroids: Tensor, labels: Tensor, chunk: int = 8192) -> Tensor:
+    """``[B, H, N]`` float32 ``|k - centroid(label)|^2`` (0 where ``labels`` < 0), computed
+    ``chunk`` positions at a time so that no ``[B, H, N, d]`` float32 copy is made."""
+    b, h, n, d = k.shape
+    out = torch.zeros(b, h, n, dtype=torch.float32, device=k.device)
+    for lo in range(0, n, chunk):
+        lab = labels[:, :, lo:lo + chunk]
+        c = centroids.gather(2, lab.clamp(min=0)[..., None].expand(-1, -1, -1, d)).float()
+        res = k[:, :, lo:lo + chunk].float() - c
+        out[:, :, lo:lo + chunk] = torch.where(lab >= 0, (res * res).sum(-1), 0.0)
+    return out
+
+
 def split_outliers(
     k: Tensor, centroids: Tensor, labels: Tensor, sizes: Tensor, fraction: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -237,26 +250,25 @@ def split_outliers(
     slots = min(n, math.ceil(fraction * n))
     if slots <= 0:
         return centroids, labels, sizes
-    kf = k.float()
-    lab = labels.clamp(min=0)
-    res = kf - centroids.gather(2, lab[..., None].expand(b, h, n, d))
-    dist = torch.where(labels >= 0, (res * res).sum(-1), torch.full_like(res[..., 0], -1.0))
+    dist = torch.where(labels >= 0, _residual_norms(k, centroids, labels), -1.0)
     top = torch.topk(dist, slots, dim=-1).indices  # [B, H, slots], farthest first
     want = torch.ceil(fraction * (labels >= 0).sum(-1, keepdim=True).double()).clamp(max=slots)
     real = torch.arange(slots, device=k.device) < want  # the row's share, never padding
     new = c + torch.arange(slots, device=k.device).expand(b, h, slots)
     old = labels.gather(-1, top)
     labels = labels.scatter(-1, top, torch.where(real, new, old))
-    sizes = torch.cat([sizes, torch.zeros_like(sizes[..., :slots])], -1)
-    sizes = sizes.scatter_add(-1, old.clamp(min=0), -real.long())
-    sizes = sizes.scatter_add(-1, new, real.long())
-    # centroids of every cluster from its members (left ones move, singletons are keys)
-    w = (labels >= 0)[..., None].float()
-    sums = torch.zeros(b, h, c + slots, d, device=k.device).scatter_add_(
-        2, labels.clamp(min=0)[..., None].expand(b, h, n, d), kf * w)
-    pad = torch.cat([centroids, torch.zeros_like(centroids[:, :, :slots])], 2)
-    cents = torch.where(sizes[..., None] > 0, sums / sizes.clamp(min=1)[..., None], pad)
-    return cents, labels, sizes
+    grown = torch.cat([sizes, torch.zeros_like(sizes[..., :slots])], -1)
+    grown = grown.scatter_add(-1, old.clamp(min=0), -real.long())
+    grown = grown.scatter_add(-1, new, real.long())
+    # the left clusters' centroids lose the moved keys; a singleton's centroid is its key
+    keys = k.gather(2, top[..., None].expand(b, h, slots, d)).float()
+    sums = centroids * sizes[..., None].float()
+    sums = sums.scatter_add(2, old.clamp(min=0)[..., None].expand(b, h, slots, d),
+                            -keys * real[..., None])
+    cents = torch.cat([sums, keys * real[..., None]], 2)
+    cents = torch.where(grown[..., None] > 0, cents / grown.clamp(min=1)[..., None].float(),
+                        torch.cat([centroids, torch.zeros_like(keys)], 2))
+    return cents, labels, grown
 
 
 def cluster_spread(k: Tensor, centroids: Tensor, labels: Tensor, sizes: Tensor) -> Tensor:
@@ -269,11 +281,9 @@ def cluster_spread(k: Tensor, centroids: Tensor, labels: Tensor, sizes: Tensor) 
 
     Returns ``[B, H, C]`` float32 (0 for empty clusters).
     """
-    b, h, n, d = k.shape
-    lab = labels.clamp(min=0)
-    res = k.float() - centroids.float().gather(2, lab[..., None].expand(b, h, n, d))
-    r2 = torch.where(labels >= 0, (res * res).sum(-1), torch.zeros_like(res[..., 0]))
-    tot = torch.zeros(sizes.shape, device=k.device).scatter_add_(-1, lab, r2)
+    d = k.shape[-1]
+    r2 = _residual_norms(k, centroids, labels)
+    tot = torch.zeros(sizes.shape, device=k.device).scatter_add_(-1, labels.clamp(min=0), r2)
     return tot / (sizes.clamp(min=1).float() * d)
 
 
