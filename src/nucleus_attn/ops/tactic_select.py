@@ -21,11 +21,15 @@ torch reference (the specification) beside its Triton kernels:
    estimated mass of every prefix of bins and the shortest one reaching ``p``; the KV head
    keeps the longest its query heads need; the always-kept tokens outside it open the kept
    list. One kernel (a program per query head, the last of a group finishes it).
-4. :func:`append_clusters`: the members of the kept clusters appended to that list,
-   straight into the layout :func:`~nucleus_attn.ops.sparse_attention` reads; one kernel.
+4. :func:`append_clusters`: the members of the kept clusters appended to that list in
+   cluster order, straight into the layout :func:`~nucleus_attn.ops.sparse_attention`
+   reads; two launches (chunk totals, then the copy).
 
-Lists whose order the kernels fill by atomics (the sampled clusters, the kept positions)
-are in unspecified order; every consumer only sums over them or attends to them.
+With the memset of its counters, a selection is seven launches. The list of sampled
+clusters is filled by atomics, in unspecified order; the cut only sums over it, in fixed
+point, so its result does not depend on that order, and the kept list is written in a
+fixed order: a step gives bitwise the same output every time it runs (CUDA-graph replays
+included).
 """
 
 from __future__ import annotations
