@@ -1,13 +1,17 @@
 """Tactic's kept mass against p and oracle top-p, per layer and head, on the bundled model.
 
-Step 1 (``capture``): dense greedy decoding of a few eval samples; at each of the first
-``--steps`` decode steps every layer's query ``[1, Hq, d]`` and key cache ``[1, Hkv, N, d]``
-(post-RoPE) are recorded. Step 2 (``analyze``): Tactic variants run offline on the
-recorded (q, K) of every sparse layer, with the exact softmax mass each keeps per query
-head, the exact and estimated totals, and the fit's residual on its sampled segments.
+``capture``: dense greedy decoding of a few eval samples; at each of the first ``--steps``
+decode steps every layer's query ``[1, Hq, d]`` and key cache ``[1, Hkv, N, d]``
+(post-RoPE) are recorded. ``facts``: per (sample, step, sparse layer), each cluster's
+exact mass per query head, centroid scores and spreads (with ``--outliers`` singleton
+clusters). ``sweep``: variants of the estimate emulated on those facts (exact kept mass,
+kept fraction). ``method``: the method itself (``tactic.select``) on the captured steps.
+Commands and results: ``results/eval/tactic_fix_cpu.md``.
 
     PYTHONPATH=src python scripts/tactic_study.py capture --out /tmp/tactic_cap.pt
-    PYTHONPATH=src python scripts/tactic_study.py analyze --cap /tmp/tactic_cap.pt
+    PYTHONPATH=src python scripts/tactic_study.py facts --outliers 0.03 --out /tmp/facts.pt
+    PYTHONPATH=src python scripts/tactic_study.py sweep --facts /tmp/facts.pt
+    PYTHONPATH=src python scripts/tactic_study.py method --specs tactic:p=0.9
 """
 
 from __future__ import annotations
