@@ -31,6 +31,7 @@ from nucleus_attn.ops import (  # noqa: E402
     clusters,
     pages,
     quant,
+    tactic_select,
     topk_split,
     topp,
     topp_split,
@@ -78,7 +79,7 @@ def compile_launch(self: _dispatch.LazyKernel, grid: object):
 
 def main() -> int:
     _dispatch.LazyKernel.__getitem__ = compile_launch  # compile instead of launching
-    for module in (attention, clusters, pages, quant, topp):  # CPU tensors take the kernels
+    for module in (attention, clusters, pages, quant, topp, tactic_select):  # CPU tensors
         module.use_triton = lambda impl, *tensors: impl != "torch"
     attention.num_sms = lambda device: 132  # an H100
     topp_split.num_sms = topk_split.num_sms = lambda device: 132
@@ -122,7 +123,27 @@ def main() -> int:
     ops.centroid_scores(q, cents, sizes[..., :256], 0.1, impl=t)
     ops.cluster_tokens(sizes, sizes, sizes, torch.zeros(b, hkv, n, dtype=torch.int32), n + 1,
                        impl=t)
+    compile_tactic(q, k, span, t)
     return 0
+
+
+def compile_tactic(q: torch.Tensor, k: torch.Tensor, span: KeySpan, t: str) -> None:
+    """Tactic's selection kernels at 128k tokens (N/16 + 3% clusters), with and without the
+    spread term, bf16 and float32."""
+    b, hkv, n, d = k.shape
+    c = n // 16 + 3 * n // 100
+    cents = torch.randn(b, hkv, c, d, dtype=k.dtype)
+    sizes = torch.ones(b, hkv, c, dtype=torch.int64)
+    members = torch.zeros(b, hkv, n, dtype=torch.int32)
+    labels = torch.zeros(b, hkv, n, dtype=torch.int64)
+    for spread in (torch.rand(b, hkv, c), None):
+        r = ops.rank_clusters(q, cents, sizes, spread, 0.1, head_fraction=0.04,
+                              sample_positions=(0.1, 0.6), sample_tokens=64, impl=t)
+    for dt in (k.dtype, torch.float32):
+        m = ops.cluster_lse(q.to(dt), k.to(dt), r, members, sizes, sizes, labels, span,
+                            span.ends, 4, 64, 2052, 0.1, impl=t)
+    prefix, idx, cnt = ops.tactic_cut(m, r, 0.9, labels, span, span.ends, 4, 64, 2052, impl=t)
+    ops.append_clusters(idx, cnt, members, sizes, sizes, r.bins, prefix, impl=t)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,11 @@ def rounding(cfg, n: int, d: int, isz: int) -> float:
     if cfg.name == "tactic":
         # kmeans allocates ceil(segment / cluster_size) clusters for every segment, the
         # last (partial) one included, and rounds each segment's count up: C - N / size
-        # is below one segment's clusters plus one per segment. Each cluster costs a
-        # centroid (keys' dtype), a size and an offset (int64).
+        # is below one segment's clusters plus one per segment, plus one for the rounded
+        # up outlier slots. Each cluster costs a centroid (keys' dtype), a size and an
+        # offset (int64) and a spread (float32).
         per_seg = math.ceil(cfg.segment / cfg.cluster_size)
-        return (per_seg + math.ceil(n / cfg.segment)) * (d * isz + 16)
+        return (per_seg + math.ceil(n / cfg.segment) + 1) * (d * isz + 20)
     return 0.0
 
 

@@ -3,6 +3,8 @@ torch references and float64, in Triton's interpreter."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from ops_helpers import (
@@ -48,3 +50,35 @@ def test_kmeans_triton_matches_torch():
                                                   (4099, 300, 4099), (500, 40, 50)])
 def test_cluster_tokens(n, c, capacity):
     check_cluster_tokens("cpu", 2, 2, n, c, capacity, seed=n + c)
+
+
+def test_split_outliers_and_spread_against_brute_force():
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(2, 3, 120, 32, generator=g)
+    span = KeySpan(torch.tensor([0, 30]), torch.tensor([120, 100]), 120)
+    cents, labels, sizes = ops.kmeans(k, span, 8, 3, 64, impl="torch")
+    c = sizes.shape[-1]
+    c2, l2, s2 = ops.split_outliers(k, cents, labels, sizes, 0.1)
+    assert c2.shape[2] == s2.shape[-1] == c + 12
+    for b, valid in ((0, 120), (1, 70)):
+        want = math.ceil(0.1 * valid)
+        for h in range(3):
+            lab = labels[b, h]
+            dist = torch.where(lab >= 0, (k[b, h] - cents[b, h, lab.clamp(min=0)]).norm(dim=-1),
+                               torch.tensor(-1.0))
+            far = set(torch.topk(dist, want).indices.tolist())
+            moved = set(torch.nonzero(l2[b, h] >= c).flatten().tolist())
+            assert moved == far  # the farthest keys, padding never
+            assert (s2[b, h, c:c + want] == 1).all() and (s2[b, h, c + want:] == 0).all()
+            assert torch.equal(torch.bincount(l2[b, h][l2[b, h] >= 0], minlength=c + 12),
+                               s2[b, h])
+            for cl in torch.nonzero(s2[b, h]).flatten().tolist():
+                m = k[b, h][l2[b, h] == cl].double()
+                torch.testing.assert_close(c2[b, h, cl].double(), m.mean(0), atol=1e-5,
+                                           rtol=1e-5)
+    spread = ops.cluster_spread(k, c2, l2, s2)
+    b, h, cl = 0, 1, int(torch.argmax(s2[0, 1]))
+    m = k[b, h][l2[b, h] == cl].double()
+    want = ((m - m.mean(0)) ** 2).sum(-1).mean() / 32
+    assert abs(spread[b, h, cl].item() - want.item()) < 1e-5
+    assert (spread[s2 <= 1] == 0).all()

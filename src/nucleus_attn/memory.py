@@ -131,11 +131,13 @@ def _twilight(cfg: Any, d: int, isz: int) -> dict[str, float]:
 
 
 def _tactic(cfg: Any, d: int, isz: int) -> dict[str, float]:
-    # ClusterState: centroids [C, d] in the keys' dtype, sizes and offsets [C] int64 (C is
-    # about N / cluster_size), labels [N] int64, members [N] int32
-    c = cfg.cluster_size
+    # ClusterState: centroids [C, d] in the keys' dtype, sizes and offsets [C] int64, spread
+    # [C] float32 (C is about N / cluster_size + outliers * N: K-means clusters plus the
+    # singleton outliers), labels [N] int64, members [N] int32
+    per = 1.0 / cfg.cluster_size + cfg.outliers  # clusters per token
     i64, i32 = torch.int64.itemsize, torch.int32.itemsize
-    return {"centroids": d * isz / c, "cluster_sizes": i64 / c, "cluster_offsets": i64 / c,
+    return {"centroids": d * isz * per, "cluster_sizes": i64 * per,
+            "cluster_offsets": i64 * per, "cluster_spread": torch.float32.itemsize * per,
             "labels": float(i64), "members": float(i32)}
 
 

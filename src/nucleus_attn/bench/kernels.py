@@ -205,11 +205,10 @@ def floor_bytes(kind: str, b: int, n: int, shape: Shape, kept: float, cfg: Any =
         int4 = candidates * (shape.d // 2 + 2 * shape.es + index)
         return pages + int4 + kv_bytes(kept, shape)
     if kind == "tactic":
-        clusters = rows * math.ceil(n / cfg.cluster_size)
-        cent = clusters * (shape.d * shape.es + 8)  # centroids (keys' dtype), int64 sizes
-        exact = rows * (math.ceil(cfg.exact_fraction * n) + 2 * cfg.sample_tokens
-                        + cfg.sink + cfg.window)
-        return cent + exact * (shape.d * shape.es + INDEX_BYTES) + kv_bytes(kept, shape)
+        from . import tactic
+
+        return tactic.floor_bytes(b, n, shape.hkv, shape.d, shape.es, shape.hq // shape.hkv,
+                                  cfg, kept)
     raise ValueError(f"unknown kind {kind!r}")
 
 
@@ -382,22 +381,12 @@ def profile_point(n: int, b: int, shape: Shape, bw: float, seed: int,
         sel_bytes = sum(r["bytes"] for r in out if r["method"] == label)
         stage(label, "whole step", lambda cfg=cfg, st=st: decode_step(
             q, k, v, cfg, st, span, scale, padded=False), sel_bytes)
-    if with_tactic:
-        cfg = make_config("tactic", p=0.9, dense_below=0)
-        st = new_state(cfg, k, span)
-        c = st.centroids.shape[2]
-        rows = b * shape.hkv
-        stage("tactic", "centroid_scores", lambda: ops.centroid_scores(
-            q, st.centroids, st.sizes, scale), rows * c * (shape.d * st.centroids.element_size()
-                                                            + 8))
-        from ..methods import spec_of
+    if with_tactic:  # Tactic's own stages (bench/tactic.py), on the same inputs
+        from . import tactic
 
-        sel = stage("tactic", "select (all)", lambda: spec_of(cfg).select(q, k, st, span, cfg,
-                                                                          scale), 0.0)
-        stage("tactic", "sparse_attention", lambda: ops.sparse_attention(
-            q, k, v, sel.indices, sel.counts, scale), kv_bytes(sel.counts.sum().item(), shape))
-        stage("tactic", "whole step", lambda: decode_step(q, k, v, cfg, st, span, scale,
-                                                          padded=False), 0.0)
+        info = tactic.profile_stages(q, k, v, span, scale, stage, device)
+        out[-1].update(info)  # kept and scored fractions, launches, on the whole-step row
+        print(f"tactic: {info}")
     if device.type == "cuda":  # where a whole step's time goes, launch by launch
         for method, params, label in runs + ([("tactic", {"p": 0.9}, "tactic")]
                                              if with_tactic else []):
@@ -636,6 +625,13 @@ def main(out: str = "results", quick: bool = False, ns: list[int] | None = None,
     meta["crossover"] = {f"{m} {st}": {str(bb): nn for bb, nn in per.items()}
                          for (m, st), per in crossovers(rows).items()}
     print_table(rows, meta)
+    if "tactic" in (methods or ROW_METHODS):  # what clustering adds to prefill
+        from . import tactic
+
+        meta["tactic_prefill"] = tactic.prefill_rows(
+            [512] if quick else [32768, 131072], shape.hq, shape.hkv, shape.d, shape.dtype,
+            device, quick)
+        tactic.print_prefill(meta["tactic_prefill"])
     if profile is not None:  # last: a stage that fails cannot cost the rows above
         write_results(stem, meta, rows)
         meta["profile"] = profile_point(profile[0], profile[1], shape, bw, seed, device, quick,

@@ -7,7 +7,14 @@ backend can call the ops unchanged.
 """
 
 from .attention import dense_attention, gathered_scores, sparse_attention
-from .clusters import assign_nearest, centroid_scores, cluster_tokens, kmeans
+from .clusters import (
+    assign_nearest,
+    centroid_scores,
+    cluster_spread,
+    cluster_tokens,
+    kmeans,
+    split_outliers,
+)
 from .pages import (
     PageStats,
     last_page_minmax,
@@ -27,6 +34,14 @@ from .select import (
     keep_best,
     mask_to_indices,
 )
+from .tactic_select import (
+    ClusterMasses,
+    ClusterRanking,
+    append_clusters,
+    cluster_lse,
+    rank_clusters,
+    tactic_cut,
+)
 from .topp import (
     ScoreStats,
     score_stats,
@@ -38,10 +53,15 @@ from .topp import (
 )
 
 __all__ = [
+    "ClusterMasses",
+    "ClusterRanking",
     "PageStats",
     "ScoreStats",
+    "append_clusters",
     "assign_nearest",
     "centroid_scores",
+    "cluster_lse",
+    "cluster_spread",
     "cluster_tokens",
     "compact",
     "dense_attention",
@@ -61,8 +81,11 @@ __all__ = [
     "page_valid",
     "pages_to_tokens",
     "quantize_int4",
+    "rank_clusters",
     "score_stats",
     "sparse_attention",
+    "split_outliers",
+    "tactic_cut",
     "topk_pages",
     "topk_pages_uses_stats",
     "topp_select",

@@ -204,6 +204,89 @@ def kmeans(
     return cents, labels, sizes
 
 
+def _residual_norms(k: Tensor, centroids: Tensor, labels: Tensor, chunk: int = 8192) -> Tensor:
+    """``[B, H, N]`` float32 ``|k - centroid(label)|^2`` (0 where ``labels`` < 0), computed
+    ``chunk`` positions at a time so that no ``[B, H, N, d]`` float32 copy is made."""
+    b, h, n, d = k.shape
+    out = torch.zeros(b, h, n, dtype=torch.float32, device=k.device)
+    for lo in range(0, n, chunk):
+        lab = labels[:, :, lo:lo + chunk]
+        c = centroids.gather(2, lab.clamp(min=0)[..., None].expand(-1, -1, -1, d)).float()
+        res = k[:, :, lo:lo + chunk].float() - c
+        out[:, :, lo:lo + chunk] = torch.where(lab >= 0, (res * res).sum(-1), 0.0)
+    return out
+
+
+def split_outliers(
+    k: Tensor, centroids: Tensor, labels: Tensor, sizes: Tensor, fraction: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Make the keys farthest from their centroid singleton clusters.
+
+    A cluster's centroid stands for its members when clusters are ranked by ``q . c``; a
+    key far from it (an attention sink, a needle among filler text) can have a large
+    ``q . k`` while its cluster ranks low. As a cluster of its own its centroid is the key
+    itself, so its score is exact. The clusters it left keep their other members, and
+    their centroids move to the mean of those.
+
+    Parameters
+    ----------
+    k : Tensor
+        ``[B, H, N, d]`` keys.
+    centroids, labels, sizes : Tensor
+        A clustering of them as returned by :func:`kmeans` (``labels`` -1 = not clustered).
+    fraction : float
+        Share of each row's clustered keys split off: ``ceil(fraction * clustered)`` of
+        them (so that padding does not change how a sequence is clustered), in
+        ``ceil(fraction * N)`` new cluster slots (unused slots stay empty).
+
+    Returns
+    -------
+    centroids, labels, sizes : Tensor
+        ``[B, H, C + S, d]`` float32, ``[B, H, N]``, ``[B, H, C + S]`` int64 with
+        ``S = ceil(fraction * N)``; the singletons are the clusters ``C ..``.
+    """
+    b, h, n, d = k.shape
+    c = sizes.shape[-1]
+    slots = min(n, math.ceil(fraction * n))
+    if slots <= 0:
+        return centroids, labels, sizes
+    dist = torch.where(labels >= 0, _residual_norms(k, centroids, labels), -1.0)
+    top = torch.topk(dist, slots, dim=-1).indices  # [B, H, slots], farthest first
+    want = torch.ceil(fraction * (labels >= 0).sum(-1, keepdim=True).double()).clamp(max=slots)
+    real = torch.arange(slots, device=k.device) < want  # the row's share, never padding
+    new = c + torch.arange(slots, device=k.device).expand(b, h, slots)
+    old = labels.gather(-1, top)
+    labels = labels.scatter(-1, top, torch.where(real, new, old))
+    grown = torch.cat([sizes, torch.zeros_like(sizes[..., :slots])], -1)
+    grown = grown.scatter_add(-1, old.clamp(min=0), -real.long())
+    grown = grown.scatter_add(-1, new, real.long())
+    # the left clusters' centroids lose the moved keys; a singleton's centroid is its key
+    keys = k.gather(2, top[..., None].expand(b, h, slots, d)).float()
+    sums = centroids * sizes[..., None].float()
+    sums = sums.scatter_add(2, old.clamp(min=0)[..., None].expand(b, h, slots, d),
+                            -keys * real[..., None])
+    cents = torch.cat([sums, keys * real[..., None]], 2)
+    cents = torch.where(grown[..., None] > 0, cents / grown.clamp(min=1)[..., None].float(),
+                        torch.cat([centroids, torch.zeros_like(keys)], 2))
+    return cents, labels, grown
+
+
+def cluster_spread(k: Tensor, centroids: Tensor, labels: Tensor, sizes: Tensor) -> Tensor:
+    """Mean squared distance of each cluster's keys to its centroid, per dimension.
+
+    ``sigma^2 = mean_k |k - c|^2 / d``: with it, ``q . c + |q|^2 sigma^2 / 2`` is the log of a
+    member's mean ``exp(q . k)`` when the keys spread like an isotropic Gaussian around
+    ``c``, which ranks a cluster of varied keys above a tight one with the same centroid
+    score (what Tactic's ranking needs: the clusters that hold the most attention).
+
+    Returns ``[B, H, C]`` float32 (0 for empty clusters).
+    """
+    d = k.shape[-1]
+    r2 = _residual_norms(k, centroids, labels)
+    tot = torch.zeros(sizes.shape, device=k.device).scatter_add_(-1, labels.clamp(min=0), r2)
+    return tot / (sizes.clamp(min=1).float() * d)
+
+
 # --- centroid scores ---------------------------------------------------------------------
 
 def centroid_scores_reference(q: Tensor, centroids: Tensor, sizes: Tensor, scale: float) -> Tensor:
