@@ -126,21 +126,27 @@ def test_p_close_to_one_keeps_nearly_everything_and_p_one_is_dense():
         assert kept >= low
 
 
-def test_unclustered_tokens_are_kept_and_capacity_keeps_the_newest():
-    # a static cache: 200 positions, clustered up to 120; 70 tokens written since, over a
-    # fixed capacity of sink + max(window, recluster_every) = 2 + 50
+def test_unclustered_tokens_are_all_kept_without_reclustering():
+    # a static cache: 200 positions, clustered up to 120; 70 tokens written since and no
+    # re-clustering (what CUDA-graph replays do: they run no Python), more than
+    # recluster_every = 50: the always-kept list covers the cache's 80 free positions, so
+    # every written token stays attended, and no unwritten position is kept
     cfg = na.make_config("tactic", p=0.5, cluster_size=4, iterations=2, sink=2, window=8,
                          recluster_every=50)
     x = peaked_qkv(1, 4, 2, 200, 64, seed=4)
     state = new_state(cfg, x.k, KeySpan.from_lengths(torch.tensor([120]), 200))
+    assert state.room == 80 and state.fixed_capacity() == 2 + 80
     for e in range(121, 191):
         span = KeySpan.from_lengths(torch.tensor([e]), 200)
         state.labels.scatter_(2, torch.full((1, 2, 1), e - 1), -1)  # what refresh() marks
-    state.appended = 1
+    state.appended = 70
     sel = tactic.select(x.q, x.k, state, span, cfg, 0.125)
     kept = ops.indices_to_mask(sel.indices, sel.counts, 200)
-    assert kept[..., :2].all() and kept[..., 140:190].all()  # sink, and the newest 50
+    assert kept[..., :2].all() and kept[..., 120:190].all()  # sink, and every written token
     assert not kept[..., 190:].any()
+    # a growing cache has no free positions: the bound is the tokens appended so far
+    grown = new_state(cfg, x.k[:, :, :120], KeySpan.full(1, 120))
+    assert grown.room == 0 and grown.unclustered() == 0
 
 
 def test_refresh_reclusters_in_place_for_cuda_graphs():

@@ -686,9 +686,10 @@ def enable(
     - Works with transformers' dynamic cache and with static (pre-allocated) caches, with
       left padding. In a static cache N is the allocated length: a fractional budget is a
       fraction of it, so give budgets in tokens there. Each decode step then runs without
-      a host sync and can be captured in a CUDA graph (``stats=False``); host-side
-      decisions (Tactic's re-clustering every ``recluster_every`` tokens) only happen in
-      eager steps, so capture again before that many replays.
+      a host sync and can be captured in a CUDA graph. Host-side decisions (Tactic's
+      re-clustering every ``recluster_every`` tokens) only happen in eager steps: during
+      replays Tactic attends every decode token exactly (its always-kept list covers the
+      static cache's free positions) and re-clusters at the next eager step or prefill.
     - Beam search (which reorders the cache rows behind the attention function) is not
       supported.
 

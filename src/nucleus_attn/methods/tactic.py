@@ -150,6 +150,7 @@ class ClusterState:
     ends: Tensor  # [B] span ends at clustering
     appended: int = 0  # tokens written into a static cache since clustering
     spread: Tensor | None = None  # [B, Hkv, C] float32
+    room: int = 0  # positions of a static cache still unwritten at clustering (most of a row)
 
     @staticmethod
     def build(k: Tensor, span: KeySpan, cfg: TacticConfig) -> ClusterState:
@@ -162,9 +163,14 @@ class ClusterState:
         key = torch.where(labels >= 0, labels, torch.full_like(labels, c))
         members = torch.argsort(key, dim=-1, stable=True).to(torch.int32)
         offsets = torch.cumsum(sizes, -1) - sizes
-        max_size = int(sizes.max()) if sizes.numel() else 0  # one host sync, at prefill
+        # one host sync, at prefill: the largest cluster, and the positions a static
+        # cache can still write (0 in a growing cache, whose every sequence ends at N)
+        most = torch.stack([sizes.amax() if sizes.numel() else sizes.new_zeros(()),
+                            (k.shape[2] - span.ends).amax()])
+        max_size, room = (int(x) for x in most.tolist())
         return ClusterState(cfg, cents.to(k.dtype), labels, sizes, k.shape[2], k.shape[2],
-                            members, offsets, max_size, span.ends.clone(), spread=spread)
+                            members, offsets, max_size, span.ends.clone(), spread=spread,
+                            room=room)
 
     def recluster(self, k: Tensor, span: KeySpan) -> None:
         """Cluster the whole cache again, now; the appended tokens join the clusters.
@@ -174,9 +180,9 @@ class ClusterState:
         right clusters on replay. Replays run no Python, so nothing counts the decode
         tokens there: call this between replays at least once every ``recluster_every``
         steps (eager decoding does it by itself in :meth:`extend` / :meth:`refresh`).
-        If it is not called, the step stays valid but keeps exactly only the newest
-        ``sink + max(window, recluster_every)`` unclustered tokens: older decode tokens
-        outside the window are no longer attended to.
+        If it is not called, nothing is lost: in a static cache the always-kept list has
+        room for every position still unwritten at clustering (:meth:`unclustered`), so
+        every decode token stays attended exactly; only the clusters do not take them in.
 
         One host sync (the largest cluster size), outside the captured step.
         """
@@ -187,7 +193,7 @@ class ClusterState:
                 old.copy_(new)
             else:
                 setattr(self, name, new)
-        self.max_size = fresh.max_size
+        self.max_size, self.room = fresh.max_size, fresh.room
         self.n = max(self.n, k.shape[2])
         self.clustered, self.appended = k.shape[2], 0
 
@@ -215,9 +221,10 @@ class ClusterState:
 
     def unclustered(self) -> int:
         """A bound on the tokens appended since clustering, per sequence: exact in a growing
-        cache; in a static cache the most there can be before re-clustering, so that a
-        captured step stays valid on replay."""
-        return self.cfg.recluster_every if self.appended else self.n - self.clustered
+        cache; in a static cache every position still unwritten at clustering, so that a
+        step captured in a CUDA graph attends every decode token on replay, however many
+        replays run without :meth:`recluster` (replays run no Python to count them)."""
+        return self.room if self.room else self.n - self.clustered
 
     def fixed_capacity(self) -> int:
         """Always-kept tokens listed at most: the sink, the window and the unclustered."""
