@@ -541,35 +541,53 @@ def print_profile(stages: list[dict]) -> None:
     Console(width=120).print(table)
 
 
+def plot_series(r: dict) -> str:
+    """The line a row belongs to in the plot: the method, and Twilight's base."""
+    base = next((w for w in r["setting"].split() if w.startswith("base=")), "")
+    return f"{r['method']} {base}".strip()
+
+
+PLOT_STYLES = {"sparse": "o-", "quest": "s-", "twilight base=quest": "^",
+               "twilight base=dense": "v", "twilight base=cluster": "<", "tactic": "D",
+               "dense": "x"}
+
+
 def plot(rows: list[dict], path: str, meta: dict) -> None:
-    """Speed-up against dense SDPA vs kept fraction, one panel per N (largest batch <= 8
-    that ran), one line per method."""
+    """Speed-up against dense SDPA vs kept fraction: one panel per (N, batch), one line per
+    method (and per Twilight base); the dashed line is dense."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ns = sorted({r["n"] for r in rows})
-    fig, axes = plt.subplots(1, len(ns), figsize=(4.2 * len(ns), 3.6), squeeze=False)
-    for ax, n in zip(axes[0], ns, strict=True):
-        batches = sorted({r["batch"] for r in rows if r["n"] == n})
-        b = max([x for x in batches if x <= 8] or batches)
-        for method, style in (("sparse", "o-"), ("quest", "s-"), ("twilight", "^"),
-                              ("tactic", "D"), ("dense", "x")):
-            pts = sorted((r["kept_fraction"] * 100, r["speedup"]) for r in rows
-                         if r["n"] == n and r["batch"] == b and r["method"] == method)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=method)
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_title(f"N={n}, B={b}")
-        ax.set_xlabel("kept tokens (%)")
-    axes[0][0].set_ylabel("speed-up vs dense SDPA")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"decode attention, {meta['gpu']}, Llama-3-8B heads"
-                 if meta["device"] == "cuda" else "decode attention (CPU smoke)")
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(len(batches), len(ns), figsize=(4.2 * len(ns),
+                                                               3.3 * len(batches)),
+                             squeeze=False)
+    for i, b in enumerate(batches):
+        for j, n in enumerate(ns):
+            ax = axes[i][j]
+            here = [r for r in rows if r["n"] == n and r["batch"] == b and r["method"] != "sdpa"]
+            for series in sorted({plot_series(r) for r in here},
+                                 key=lambda s: list(PLOT_STYLES).index(s)
+                                 if s in PLOT_STYLES else len(PLOT_STYLES)):
+                pts = sorted((r["kept_fraction"] * 100, r["speedup"]) for r in here
+                             if plot_series(r) == series)
+                ax.plot(*zip(*pts, strict=True), PLOT_STYLES.get(series, "+"), label=series)
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log")
+            ax.set_title(f"N={n}, B={b}", fontsize=10)
+            if i == len(batches) - 1:
+                ax.set_xlabel("kept tokens (%)")
+            if j == 0:
+                ax.set_ylabel("speed-up vs dense SDPA")
+            if here and i == 0 and j == len(ns) - 1:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"decode attention per call, {meta['gpu']}, Llama-3-8B heads (selection "
+                 "included)" if meta["device"] == "cuda" else "decode attention (CPU smoke)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
