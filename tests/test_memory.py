@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from method_cases import METHOD_CASES
+from method_cases import METHOD_CASES, variant_cases
 
 import nucleus_attn as na
 from nucleus_attn.memory import (
@@ -38,7 +38,7 @@ def rounding(cfg, n: int, d: int, isz: int) -> float:
     if cfg.name == "quest" or (cfg.name == "twilight" and cfg.base == "quest"):
         # ceil(N / page_size) pages: the last page is whole, < one page of bounds extra
         return 2 * d * isz
-    if cfg.name == "tactic":
+    if cfg.name == "tactic" or (cfg.name == "twilight" and cfg.base == "cluster"):
         # kmeans allocates ceil(segment / cluster_size) clusters for every segment, the
         # last (partial) one included, and rounds each segment's count up: C - N / size
         # is below one segment's clusters plus one per segment. Each cluster costs a
@@ -71,6 +71,9 @@ def test_account_covers_registry_and_kv_cache():
                   KV_CACHE: 512}
     assert "page_min_max" not in bytes_per_token(na.Twilight(base="dense"), head_dim=64,
                                                  dtype="float32")
+    cl = bytes_per_token(na.Twilight(base="cluster"), head_dim=128, dtype=torch.bfloat16)
+    assert "page_min_max" not in cl and cl["centroids"] == 128 * 2 / 16  # 16 B a token
+    assert metadata_per_token(cl) == 68 + 16 + 1 + 12  # int4, centroids, sizes+offsets, ids
 
 
 def test_memory_table_totals():
@@ -107,7 +110,7 @@ def method_settings():
     for name in ALL:
         for case in ("easy", "hard"):
             yield name, METHOD_CASES[name][case]
-    yield "twilight", {"base": "dense"}
+    yield from variant_cases()  # every Twilight base
     yield "tactic", {"cluster_size": 6, "segment": 60, "iterations": 2}  # several segments
 
 
@@ -126,12 +129,16 @@ def test_new_state_matches_account(name, params, shape):
     assert want <= got <= want + slack, (name, params, shape, got, want)
 
 
-@pytest.mark.parametrize("name", STATEFUL)
-def test_extend_stays_within_doubling(name):
+@pytest.mark.parametrize("name,params", [(n, {}) for n in STATEFUL] + [
+    ("twilight", {"base": "dense"}), ("twilight", {"base": "cluster"})])
+def test_extend_stays_within_doubling(name, params):
     """Token-by-token appends: the buffers grow by doubling, so they hold at most twice the
     bytes of the tokens covered (plus the rounding of a fresh state)."""
     b, h, n0, n, d, dtype = 2, 2, 37, 150, 64, torch.bfloat16
-    cfg = na.make_config(name, **{"recluster_every": 50} if name == "tactic" else {})
+    cfg = na.make_config(name, **params)
+    clustered = name == "tactic" or getattr(cfg, "base", "") == "cluster"
+    if clustered:
+        cfg = cfg.replace(recluster_every=50)
     k = keys(b, h, n, d, dtype)
     state = na.new_state(cfg, k[:, :, :n0], na.KeySpan.full(b, n0))
     for m in range(n0 + 1, n + 1):
@@ -141,7 +148,7 @@ def test_extend_stays_within_doubling(name):
     slack = b * h * rounding(cfg, n, d, itemsize(dtype)) + b * PER_SEQUENCE
     # Tactic re-clusters every 50 appended tokens; in between, appended tokens have labels
     # but no place in the clusters, hence the lower bound over the clustered tokens only
-    low = accounted(cfg, n - 49, b, h, d, dtype) if name == "tactic" else want
+    low = accounted(cfg, n - 49, b, h, d, dtype) if clustered else want
     assert low <= got <= 2 * (want + slack), (name, got, want)
 
 

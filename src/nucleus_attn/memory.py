@@ -122,21 +122,28 @@ def _quest(cfg: Any, d: int, isz: int) -> dict[str, float]:
     return _page_bounds(cfg.page_size, d, isz)
 
 
+def _clusters(cluster_size: int, d: int, isz: int) -> dict[str, float]:
+    # ClusterState: centroids [C, d] in the keys' dtype, sizes and offsets [C] int64 (C is
+    # about N / cluster_size), labels [N] int64, members [N] int32
+    c = cluster_size
+    i64, i32 = torch.int64.itemsize, torch.int32.itemsize
+    return {"centroids": d * isz / c, "cluster_sizes": i64 / c, "cluster_offsets": i64 / c,
+            "labels": float(i64), "members": float(i32)}
+
+
 def _twilight(cfg: Any, d: int, isz: int) -> dict[str, float]:
-    # Int4Keys: two codes a byte (uint8 [N, d/2]); scale and zero [N] in the keys' dtype
+    # Int4Keys: two codes a byte (uint8 [N, d/2]); scale and zero [N] in the keys' dtype;
+    # plus the base's metadata: page bounds (quest), clusters (cluster), none (dense)
     out = {"int4_codes": d / 2, "int4_scale": float(isz), "int4_zero": float(isz)}
     if cfg.base == "quest":
         out.update(_page_bounds(cfg.page_size, d, isz))
+    elif cfg.base == "cluster":
+        out.update(_clusters(cfg.cluster_size, d, isz))
     return out
 
 
 def _tactic(cfg: Any, d: int, isz: int) -> dict[str, float]:
-    # ClusterState: centroids [C, d] in the keys' dtype, sizes and offsets [C] int64 (C is
-    # about N / cluster_size), labels [N] int64, members [N] int32
-    c = cfg.cluster_size
-    i64, i32 = torch.int64.itemsize, torch.int32.itemsize
-    return {"centroids": d * isz / c, "cluster_sizes": i64 / c, "cluster_offsets": i64 / c,
-            "labels": float(i64), "members": float(i32)}
+    return _clusters(cfg.cluster_size, d, isz)
 
 
 #: Per-method account of the metadata bytes a token costs per KV head, from
