@@ -67,7 +67,8 @@ def test_summary_counts_retrieval_heads_and_misses(tmp_path):
     assert s["twilight"]["dense@p=0.9"]["mass_worst_head"] == pytest.approx(0.9)
     paths = cand.write(rows, tmp_path, "cmd")
     assert all(p.exists() for p in paths)
-    assert "| quest16@0.25 | 0.750 | 0.500 |" in paths[1].read_text()
+    md = paths[1].read_text()
+    assert "| quest16@0.25 | 0.750 | 0.500 |" in md and "Summary written by: `cmd`" in md
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +115,11 @@ def test_eval_cli_candidates_on_a_tiny_model(tmp_path, tok):
     assert not (out / "rows.jsonl").read_text().count('"kind": "task"')  # no method ran
     summary = json.loads((out / "candidates.json").read_text())
     assert summary["lengths"]["200"]["samples"] == 2
-    assert main([*common, "--samples", "3", "--candidates", "--methods", "twilight:p=0.9,"
-                 "base=dense"]) == 0
+    assert main([*common, "--samples", "3", "--candidates", "--methods",
+                 "twilight:p=0.9,base=quest"]) == 0
     rows = [json.loads(x) for x in (out / "candidates_rows.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2]
     cells = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
     assert [r["method"] for r in cells if r["kind"] == "task"] == [
-        "dense", "twilight:p=0.9,base=dense"]
+        "dense", "twilight:p=0.9,base=quest"]
     assert (out / "candidates.png").exists() and (out / "candidates.md").exists()

@@ -415,8 +415,10 @@ def summarize(rows: list[Row], cfg: StudyConfig | None = None) -> dict[str, Any]
 
 def markdown(summary: dict[str, Any], command: str) -> str:
     """The summary as markdown tables (one section per context length)."""
+    sweeps = summary.get("sweeps") or []
     lines = ["# Candidate quality of Twilight's bases (bundled model)", "",
-             f"Command: `{command}`", "",
+             *[f"Sweep: `{c}`" for c in sweeps], *([""] if sweeps else []),
+             f"Summary written by: `{command}`", "",
              f"First decode step of each sample (query of the prompt's last token, the whole "
              f"prompt cached), sparse layers only. *Oracle share*: share of the exact "
              f"{summary['oracle_p']:g}-nucleus mass (per query head) inside the candidate set; "
@@ -495,11 +497,14 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
 
 def write(rows: list[Row], out: Path, command: str, stem: str = "candidates",
-          cfg: StudyConfig | None = None) -> list[Path]:
-    """``<stem>.json`` (the summary), ``<stem>.md`` and ``<stem>.png`` under ``out``."""
+          cfg: StudyConfig | None = None, sweeps: list[str] | None = None) -> list[Path]:
+    """``<stem>.json`` (the summary), ``<stem>.md`` and ``<stem>.png`` under ``out``.
+
+    ``command`` wrote the summary; ``sweeps`` are the commands whose runs added rows."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows, cfg)
     summary["command"] = command
+    summary["sweeps"] = list(sweeps or [])
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
     paths[0].write_text(json.dumps(summary, indent=1) + "\n")
     paths[1].write_text(markdown(summary, command))

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         for path in write_report(store, args.out, command):
             console.print(f"wrote {path}")
         if study is not None and study[0].rows:
-            for path in _write_candidates(study, args.out, command):
+            for path in _write_candidates(study, store, args.out, command):
                 console.print(f"wrote {path}")
         return 0
     if not 0.0 <= args.min_dense_accuracy <= 1.0:
@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     for path in write_report(store, args.out, command):
         console.print(f"wrote {path}")
     if study is not None and study[0].rows:
-        for path in _write_candidates(study, args.out, command):
+        for path in _write_candidates(study, store, args.out, command):
             console.print(f"wrote {path}")
     return 0
 
@@ -289,11 +289,14 @@ def _study_only(study: tuple[Any, Any], samples: list, model: Any, tok: Any,
         advance()
 
 
-def _write_candidates(study: tuple[Any, Any], out: Path, command: str) -> list[Path]:
+def _write_candidates(study: tuple[Any, Any], store: RowStore, out: Path,
+                      command: str) -> list[Path]:
+    """The study's summary, naming every sweep command that added rows to this folder."""
     from .candidates import write
 
     rows, cfg = study
-    return write(rows.rows, out, command, cfg=cfg)
+    sweeps = [r["command"] for r in store.rows if r.get("kind") == "run"]
+    return write(rows.rows, out, command, cfg=cfg, sweeps=sweeps)
 
 
 def _perplexity(args: argparse.Namespace, model: Any, tok: Any, configs: list[MethodConfig],
