@@ -66,11 +66,11 @@ def test_account_covers_registry_and_kv_cache():
         stateless = get_spec(name).new_state is None
         assert (metadata_per_token(items) == 0) == stateless, name
     assert {n for n in ALL if get_spec(n).new_state is not None} == set(STATEFUL)
-    tw = bytes_per_token("twilight", head_dim=128, dtype=torch.bfloat16)
+    tw = bytes_per_token(na.Twilight(base="quest"), head_dim=128, dtype=torch.bfloat16)
     assert tw == {"int4_codes": 64, "int4_scale": 2, "int4_zero": 2, "page_min_max": 32,
                   KV_CACHE: 512}
-    assert "page_min_max" not in bytes_per_token(na.Twilight(base="dense"), head_dim=64,
-                                                 dtype="float32")
+    assert bytes_per_token("twilight", head_dim=64, dtype="float32") == {  # base="dense"
+        "int4_codes": 32, "int4_scale": 4, "int4_zero": 4, KV_CACHE: 512}
     cl = bytes_per_token(na.Twilight(base="cluster"), head_dim=128, dtype=torch.bfloat16)
     assert "page_min_max" not in cl and cl["centroids"] == 128 * 2 / 16  # 16 B a token
     assert metadata_per_token(cl) == 68 + 16 + 1 + 12  # int4, centroids, sizes+offsets, ids
@@ -130,7 +130,7 @@ def test_new_state_matches_account(name, params, shape):
 
 
 @pytest.mark.parametrize("name,params", [(n, {}) for n in STATEFUL] + [
-    ("twilight", {"base": "dense"}), ("twilight", {"base": "cluster"})])
+    ("twilight", {"base": "quest"}), ("twilight", {"base": "cluster"})])
 def test_extend_stays_within_doubling(name, params):
     """Token-by-token appends: the buffers grow by doubling, so they hold at most twice the
     bytes of the tokens covered (plus the rounding of a fresh state)."""
@@ -162,7 +162,7 @@ SHORT_LONG = (24, 200)  # new tokens of the two generations compared
 # clusters, and Tactic re-clustering (its states are rebuilt) during the run
 GEN_CASES = {
     "quest": {"budget": 16, "page_size": 8},
-    "twilight": {"p": 0.7, "base_budget": 24, "page_size": 8},
+    "twilight": {"p": 0.7, "base": "quest", "base_budget": 24, "page_size": 8},
     "tactic": {"p": 0.7, "cluster_size": 4, "segment": 64, "iterations": 2,
                "recluster_every": 128},
 }

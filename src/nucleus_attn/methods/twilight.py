@@ -10,15 +10,20 @@ kept set. The budget adapts per head, layer and step.
 The pruner can only keep what the base proposes, so the base decides whether heavy tokens
 survive. Three bases:
 
+- ``"dense"`` (default): every valid key is a candidate; the 4-bit estimates of all of them
+  are pruned directly (one streaming pass over the int4 keys, 68 bytes a token and KV head
+  at d=128 in bf16, no candidate index list). Chosen by measurement: on the bundled model
+  it keeps the needle on every retrieval head, and it is the only base whose lowest
+  per-head kept mass stays near ``p`` (a capped candidate set cannot hold ``p`` of a flat
+  head's mass); see ``notes/twilight_bases.md``.
 - ``"quest"`` (the paper's): pages ranked by Quest's upper bound from per-page key
-  min/max. Cheapest to read (``2 d / page_size`` values a token), but on varied text a
-  page's per-channel range is wide and the bound ranks how varied a page is as much as how
-  well it matches the query, so it loses needles.
+  min/max, ``base_budget`` tokens of them. On varied text a page's per-channel range is
+  wide and the bound ranks how varied a page is as much as how well it matches the query,
+  so it loses needles (pages of 4 lose fewer, but their bounds cost more bytes than the
+  4-bit keys of every token).
 - ``"cluster"``: K-means clusters of the keys (Tactic's :class:`ClusterState`) ranked by
   q.centroid; the best clusters up to ``base_budget`` tokens, plus the sink, the window
   and the tokens appended since clustering, are the candidates.
-- ``"dense"``: every valid key is a candidate; the 4-bit estimates of all of them are
-  pruned directly (one streaming pass over the int4 keys, no candidate index list).
 """
 
 from __future__ import annotations
@@ -62,9 +67,10 @@ class TwilightConfig(MethodConfig):
         Estimated attention mass each query head keeps, in (0, 1] (default 0.95);
         ``p=1`` is dense attention.
     base : str
-        Candidate selector (see the module doc): ``"quest"`` (pages ranked by their upper
-        bound, default), ``"cluster"`` (K-means clusters ranked by q.centroid) or
-        ``"dense"`` (every valid key is a candidate; the pruner alone decides).
+        Candidate selector (see the module doc): ``"dense"`` (every valid key is a
+        candidate; the pruner alone decides; default), ``"quest"`` (pages ranked by their
+        upper bound, the paper's) or ``"cluster"`` (K-means clusters ranked by
+        q.centroid).
     base_budget : int or float
         Candidates proposed by the ``"quest"`` and ``"cluster"`` bases, tokens (int) or
         fraction of N (float); default 0.25. The sink and window count towards it.
@@ -83,7 +89,7 @@ class TwilightConfig(MethodConfig):
 
     name: ClassVar[str] = "twilight"
     p: float = 0.95
-    base: str = "quest"
+    base: str = "dense"
     base_budget: Budget = 0.25
     page_size: int = 16
     cluster_size: int = 16
