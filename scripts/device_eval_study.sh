@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# The accuracy-vs-budget study of results/eval/, run on the lent GPU (device tool).
+# The accuracy-vs-budget study of results/eval/, run on the lent GPU (device tool): every
+# Twilight base (dense, cluster, quest pages of 16 and of 4), Tactic, and the baselines, with
+# the candidate-quality study of the bases (eval --candidates) on the same prefills.
 #
 # The bundled model (98 MB GGUF) is larger than what one device call carries (64 MiB), so it
 # travels in two halves made here with `split -n 2 -d <gguf> .model/smollm2.gguf.part`:
 # call 1 carries .model/smollm2.gguf.part00 (and runs the GPU tests), call 2, made while the
 # machine is still warm, carries .model/smollm2.gguf.part01 and runs this script, which joins
-# the halves, checks the checksum and runs the sweep. Rows go to .device/eval/rows.jsonl on
-# the machine (kept between calls), so a call that runs out of time is resumed by the next.
+# the halves, checks the checksum and runs the sweep. Rows go to .device/eval/ on the machine
+# (kept between calls while it stays warm), so a call that runs out of time is resumed by the
+# next one with the same command: run it until it prints "eval rc=0".
 # The gguf wheel travels in .whl/ (the GPU image lacks it).
+#
+# Budget (predicted from the previous study's cell seconds, H100: 608 s of decoding for 21
+# settings over the swept cells): ~23 settings at 100 samples per cell, kv and vartrack left
+# out (dense scored under 50% on them at every length), ~12-18 min of device time, i.e. two
+# or three calls of EVAL_TIMEOUT=540 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -25,14 +33,20 @@ mkdir -p .device/eval "${OUT:-/tmp/out}"
   | tee .device/eval/env.txt
 timeout "${EVAL_TIMEOUT:-540}" python3 -m nucleus_attn.cli eval \
   --model .model/smollm2.gguf \
-  --tasks passkey multikey multivalue kv vartrack --lengths 8192 2048 4096 \
-  --samples 100 --batch-size 25 --min-dense-accuracy 0.5 \
-  --methods oracle-topp:p=0.8,0.9,0.95 streaming:window=256,1024 \
+  --tasks passkey multikey multivalue --lengths 2048 4096 8192 \
+  --samples 100 --batch-size 25 --min-dense-accuracy 0.5 --candidates \
+  --methods oracle-topp:p=0.8,0.9,0.95 streaming:window=128,256,1024 \
             quest:budget=128,256,512,1024 \
-            twilight:p=0.8,0.9,0.95,0.99,base_budget=0.25,0.5 tactic:p=0.8,0.9,0.95 \
+            twilight:base=dense,p=0.8,0.9,0.95 twilight:base=cluster,p=0.8,0.9,0.95 \
+            twilight:base=quest,p=0.9,0.95 twilight:base=quest,page_size=4,p=0.9,0.95 \
+            tactic:p=0.8,0.9,0.95 \
   --perplexity --ppl-prefix 4096 --ppl-tokens 32 --ppl-windows 4 \
   --out .device/eval 2>&1 | grep -v -E "GGUF|Loading weights|deprecated|forward_call" \
-  | tee .device/eval/log.txt
+  | tee -a .device/eval/log.txt
 echo "eval rc=${PIPESTATUS[0]}"
-cp .device/eval/* "${OUT:-/tmp/out}/" 2>/dev/null
+# the per-sample candidate rows (~80 KB a sample) travel compressed; the summary is
+# candidates.json / .md / .png
+gzip -kf .device/eval/candidates_rows.jsonl 2>/dev/null
+cp .device/eval/*.{json,jsonl,md,png,txt,gz} "${OUT:-/tmp/out}/" 2>/dev/null
+rm -f "${OUT:-/tmp/out}/candidates_rows.jsonl"
 ls -la "${OUT:-/tmp/out}"

@@ -214,7 +214,8 @@ def test_metadata_follows_appended_tokens(llama):
     """After a long generation, the incrementally extended metadata equals a fresh build."""
     rows = prompts(37, 21)
     ids, mask = left_pad(rows)
-    with na.enable(llama, "twilight", dense_layers=0, p=0.8, base_budget=32) as handle:
+    with na.enable(llama, "twilight", dense_layers=0, p=0.8, base="quest",
+                   base_budget=32) as handle:
         with torch.inference_mode():
             out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=300,
                                  min_new_tokens=300, do_sample=False, pad_token_id=PAD,
@@ -251,7 +252,8 @@ def test_static_cache_metadata_follows_written_tokens(llama):
     rows = prompts(37, 21)
     ids, mask = left_pad(rows)
     cache = transformers.StaticCache(config=llama.config, max_cache_len=128)
-    with na.enable(llama, "twilight", dense_layers=0, p=0.8, base_budget=32) as handle:
+    with na.enable(llama, "twilight", dense_layers=0, p=0.8, base="quest",
+                   base_budget=32) as handle:
         with torch.inference_mode():
             llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=60,
                            min_new_tokens=60, do_sample=False, pad_token_id=PAD,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from method_cases import METHOD_CASES
+from method_cases import METHOD_CASES, variant_cases
 
 import nucleus_attn as na
 from nucleus_attn.memory import (
@@ -38,7 +38,7 @@ def rounding(cfg, n: int, d: int, isz: int) -> float:
     if cfg.name == "quest" or (cfg.name == "twilight" and cfg.base == "quest"):
         # ceil(N / page_size) pages: the last page is whole, < one page of bounds extra
         return 2 * d * isz
-    if cfg.name == "tactic":
+    if cfg.name == "tactic" or (cfg.name == "twilight" and cfg.base == "cluster"):
         # kmeans allocates ceil(segment / cluster_size) clusters for every segment, the
         # last (partial) one included, and rounds each segment's count up: C - N / size
         # is below one segment's clusters plus one per segment, plus one for the rounded
@@ -67,11 +67,16 @@ def test_account_covers_registry_and_kv_cache():
         stateless = get_spec(name).new_state is None
         assert (metadata_per_token(items) == 0) == stateless, name
     assert {n for n in ALL if get_spec(n).new_state is not None} == set(STATEFUL)
-    tw = bytes_per_token("twilight", head_dim=128, dtype=torch.bfloat16)
+    tw = bytes_per_token(na.Twilight(base="quest"), head_dim=128, dtype=torch.bfloat16)
     assert tw == {"int4_codes": 64, "int4_scale": 2, "int4_zero": 2, "page_min_max": 32,
                   KV_CACHE: 512}
-    assert "page_min_max" not in bytes_per_token(na.Twilight(base="dense"), head_dim=64,
-                                                 dtype="float32")
+    assert bytes_per_token("twilight", head_dim=64, dtype="float32") == {  # base="dense"
+        "int4_codes": 32, "int4_scale": 4, "int4_zero": 4, KV_CACHE: 512}
+    cl = bytes_per_token(na.Twilight(base="cluster"), head_dim=128, dtype=torch.bfloat16)
+    per = 1 / 16 + na.Tactic().outliers  # K-means clusters and outlier singletons a token
+    assert "page_min_max" not in cl and cl["centroids"] == pytest.approx(128 * 2 * per)
+    # int4 keys; per cluster its centroid, size, offset (int64) and spread (float32); ids
+    assert metadata_per_token(cl) == pytest.approx(68 + (256 + 8 + 8 + 4) * per + 12)
 
 
 def test_memory_table_totals():
@@ -108,7 +113,7 @@ def method_settings():
     for name in ALL:
         for case in ("easy", "hard"):
             yield name, METHOD_CASES[name][case]
-    yield "twilight", {"base": "dense"}
+    yield from variant_cases()  # every Twilight base
     yield "tactic", {"cluster_size": 6, "segment": 60, "iterations": 2}  # several segments
 
 
@@ -127,12 +132,16 @@ def test_new_state_matches_account(name, params, shape):
     assert want <= got <= want + slack, (name, params, shape, got, want)
 
 
-@pytest.mark.parametrize("name", STATEFUL)
-def test_extend_stays_within_doubling(name):
+@pytest.mark.parametrize("name,params", [(n, {}) for n in STATEFUL] + [
+    ("twilight", {"base": "quest"}), ("twilight", {"base": "cluster"})])
+def test_extend_stays_within_doubling(name, params):
     """Token-by-token appends: the buffers grow by doubling, so they hold at most twice the
     bytes of the tokens covered (plus the rounding of a fresh state)."""
     b, h, n0, n, d, dtype = 2, 2, 37, 150, 64, torch.bfloat16
-    cfg = na.make_config(name, **{"recluster_every": 50} if name == "tactic" else {})
+    cfg = na.make_config(name, **params)
+    clustered = name == "tactic" or getattr(cfg, "base", "") == "cluster"
+    if clustered:
+        cfg = cfg.replace(recluster_every=50)
     k = keys(b, h, n, d, dtype)
     state = na.new_state(cfg, k[:, :, :n0], na.KeySpan.full(b, n0))
     for m in range(n0 + 1, n + 1):
@@ -142,7 +151,7 @@ def test_extend_stays_within_doubling(name):
     slack = b * h * rounding(cfg, n, d, itemsize(dtype)) + b * PER_SEQUENCE
     # Tactic re-clusters every 50 appended tokens; in between, appended tokens have labels
     # but no place in the clusters, hence the lower bound over the clustered tokens only
-    low = accounted(cfg, n - 49, b, h, d, dtype) if name == "tactic" else want
+    low = accounted(cfg, n - 49, b, h, d, dtype) if clustered else want
     assert low <= got <= 2 * (want + slack), (name, got, want)
 
 
@@ -156,7 +165,7 @@ SHORT_LONG = (24, 200)  # new tokens of the two generations compared
 # clusters, and Tactic re-clustering (its states are rebuilt) during the run
 GEN_CASES = {
     "quest": {"budget": 16, "page_size": 8},
-    "twilight": {"p": 0.7, "base_budget": 24, "page_size": 8},
+    "twilight": {"p": 0.7, "base": "quest", "base_budget": 24, "page_size": 8},
     "tactic": {"p": 0.7, "cluster_size": 4, "segment": 64, "iterations": 2,
                "recluster_every": 128},
 }

@@ -122,23 +122,31 @@ def _quest(cfg: Any, d: int, isz: int) -> dict[str, float]:
     return _page_bounds(cfg.page_size, d, isz)
 
 
-def _twilight(cfg: Any, d: int, isz: int) -> dict[str, float]:
-    # Int4Keys: two codes a byte (uint8 [N, d/2]); scale and zero [N] in the keys' dtype
-    out = {"int4_codes": d / 2, "int4_scale": float(isz), "int4_zero": float(isz)}
-    if cfg.base == "quest":
-        out.update(_page_bounds(cfg.page_size, d, isz))
-    return out
-
-
-def _tactic(cfg: Any, d: int, isz: int) -> dict[str, float]:
-    # ClusterState: centroids [C, d] in the keys' dtype, sizes and offsets [C] int64, spread
-    # [C] float32 (C is about N / cluster_size + outliers * N: K-means clusters plus the
-    # singleton outliers), labels [N] int64, members [N] int32
+def _clusters(cfg: Any, d: int, isz: int) -> dict[str, float]:
+    # ClusterState (from a TacticConfig's clustering fields): centroids [C, d] in the keys'
+    # dtype, sizes and offsets [C] int64, spread [C] float32 (C is about N / cluster_size +
+    # outliers * N: K-means clusters plus the singleton outliers), labels [N] int64,
+    # members [N] int32
     per = 1.0 / cfg.cluster_size + cfg.outliers  # clusters per token
     i64, i32 = torch.int64.itemsize, torch.int32.itemsize
     return {"centroids": d * isz * per, "cluster_sizes": i64 * per,
             "cluster_offsets": i64 * per, "cluster_spread": torch.float32.itemsize * per,
             "labels": float(i64), "members": float(i32)}
+
+
+def _twilight(cfg: Any, d: int, isz: int) -> dict[str, float]:
+    # Int4Keys: two codes a byte (uint8 [N, d/2]); scale and zero [N] in the keys' dtype;
+    # plus the base's metadata: page bounds (quest), clusters (cluster), none (dense)
+    out = {"int4_codes": d / 2, "int4_scale": float(isz), "int4_zero": float(isz)}
+    if cfg.base == "quest":
+        out.update(_page_bounds(cfg.page_size, d, isz))
+    elif cfg.base == "cluster":
+        out.update(_clusters(cfg.cluster_config(), d, isz))
+    return out
+
+
+def _tactic(cfg: Any, d: int, isz: int) -> dict[str, float]:
+    return _clusters(cfg, d, isz)
 
 
 #: Per-method account of the metadata bytes a token costs per KV head, from

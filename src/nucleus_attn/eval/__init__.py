@@ -10,4 +10,7 @@ tasks
     Synthetic long-context retrieval tasks (passkey, multikey, multivalue, kv, vartrack).
 perplexity
     Held-out text from the Python standard library and windows for perplexity measurements.
+candidates
+    Candidate quality of Twilight's bases: how much of the attention that matters each
+    candidate selector proposes, per layer and head (``nucleus-attn eval --candidates``).
 """

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder: rows.jsonl, report.md, PNGs (default results/eval)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild report.md and the plots from rows.jsonl, run nothing")
+    parser.add_argument("--candidates", action="store_true",
+                        help="also run the candidate-quality study of Twilight's bases "
+                             "(nucleus_attn.eval.candidates) on each batch's dense prefill: "
+                             "rows to candidates_rows.jsonl, summary candidates.json/.md/.png")
+    parser.add_argument("--candidates-only", action="store_true",
+                        help="run only the candidate-quality study (prefill and one captured "
+                             "step per batch, no method decoding)")
+    parser.add_argument("--candidate-budgets", nargs="+", type=float, default=[0.10, 0.25],
+                        help="candidate budgets, fractions of N (default 0.10 0.25)")
 
 
 def _configs(specs: list[str]) -> list[MethodConfig]:
@@ -127,9 +137,22 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     command = "nucleus-attn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     store = RowStore(args.out / "rows.jsonl")
+    study = None
+    if args.candidates or args.candidates_only:
+        from .candidates import CandidateRows, StudyConfig
+
+        for f in args.candidate_budgets:
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"--candidate-budgets {f} must be fractions of N in (0, 1]")
+        study = (CandidateRows(args.out / "candidates_rows.jsonl"),
+                 StudyConfig(budgets=tuple(args.candidate_budgets),
+                             dense_layers=args.dense_layers))
     if args.report_only:
         for path in write_report(store, args.out, command):
             console.print(f"wrote {path}")
+        if study is not None and study[0].rows:
+            for path in _write_candidates(study, store, args.out, command):
+                console.print(f"wrote {path}")
         return 0
     if not 0.0 <= args.min_dense_accuracy <= 1.0:
         raise ValueError(f"--min-dense-accuracy={args.min_dense_accuracy} must be in [0, 1]")
@@ -155,24 +178,44 @@ def run(args: argparse.Namespace) -> int:
                 key = {"kind": "task", "task": name, "length": length, "seed": args.seed,
                        "samples_asked": args.samples}
                 todo = [c for c in configs if not store.has(**key, method=describe(c))]
-                if store.has(**{**key, "kind": "dropped", "method": "dense"}) or not todo:
+                if args.candidates_only:
+                    todo = []
+                want_study = study is not None and not all(
+                    study[0].has(name, length, args.seed, i) for i in range(args.samples))
+                if store.has(**{**key, "kind": "dropped", "method": "dense"}) or not (
+                        todo or want_study):
                     continue
                 samples = task_lib.make_samples(name, args.samples, length, tok, seed=args.seed)
                 prompts = [s.prompt for s in samples]
                 new = task_lib.max_new_tokens(name)
+                hook = _study_hook(study, samples, model, tok, console) if want_study else None
 
                 def judge(i: int, text: str, samples: list = samples) -> bool:
                     return task_lib.score(samples[i], text)
 
-                stages = [[c for c in todo if c.name == "dense"],
-                          [c for c in todo if c.name != "dense"]]
-                for stage in filter(None, stages):
+                if args.candidates_only:
+                    bar = progress.add_task(f"{name}@{length}: candidates",
+                                            total=math.ceil(len(prompts) / args.batch_size))
+                    _study_only(study, samples, model, tok, args.batch_size, hook,
+                                lambda bar=bar: progress.advance(bar))
+                    progress.remove_task(bar)
+                    continue
+                # dense first, alone, so that a cell where dense fails is not swept; with
+                # --min-dense-accuracy 0 nothing is dropped and one prefill serves them all
+                if args.min_dense_accuracy > 0:
+                    stages = [[c for c in todo if c.name == "dense"],
+                              [c for c in todo if c.name != "dense"]]
+                else:
+                    stages = [todo]
+                for stage in filter(None, stages or [[]]):
                     bar = progress.add_task(f"{name}@{length}: {len(stage)} settings",
                                             total=math.ceil(len(prompts) / args.batch_size))
                     cells = run_cells(model, tok, prompts, new, stage,
                                       dense_layers=args.dense_layers,
                                       batch_size=args.batch_size, judge=judge,
-                                      on_batch=lambda bar=bar: progress.advance(bar))
+                                      on_batch=lambda bar=bar: progress.advance(bar),
+                                      on_prefill=hook)
+                    hook = None  # the study needs one prefill per batch
                     progress.remove_task(bar)
                     for cfg in stage:
                         correct, stats, secs = cells[describe(cfg)]
@@ -201,7 +244,59 @@ def run(args: argparse.Namespace) -> int:
 
     for path in write_report(store, args.out, command):
         console.print(f"wrote {path}")
+    if study is not None and study[0].rows:
+        for path in _write_candidates(study, store, args.out, command):
+            console.print(f"wrote {path}")
     return 0
+
+
+def _study_hook(study: tuple[Any, Any], samples: list, model: Any, tok: Any,
+                console: Any) -> Callable[[int, torch.Tensor, torch.Tensor, Any], None]:
+    """An ``on_prefill`` hook: the candidate study on each batch not yet measured."""
+    from .candidates import needle_positions, study_batch
+
+    rows, cfg = study
+
+    def hook(start: int, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> None:
+        chunk = samples[start:start + ids.shape[0]]
+        if all(rows.has(s.task, s.length, s.seed, s.index) for s in chunk):
+            return
+        needles = [needle_positions(tok, s.prompt, s.answer) for s in chunk]
+        t0 = time.perf_counter()
+        for s, res in zip(chunk, study_batch(model, cache, ids, mask, needles, cfg),
+                          strict=True):
+            if not rows.has(s.task, s.length, s.seed, s.index):
+                rows.add({"task": s.task, "length": s.length, "seed": s.seed,
+                          "index": s.index, "depth": s.depth, **res})
+        console.print(f"candidates {chunk[0].task}@{chunk[0].length} samples {start}.."
+                      f"{start + len(chunk) - 1}: {time.perf_counter() - t0:.1f} s")
+
+    return hook
+
+
+def _study_only(study: tuple[Any, Any], samples: list, model: Any, tok: Any,
+                batch_size: int, hook: Callable[..., None], advance: Callable[[], Any]) -> None:
+    """The candidate study alone: per batch not yet measured, a prefill and the hook."""
+    from .runner import prefill
+
+    device = next(model.parameters()).device
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        if not all(study[0].has(s.task, s.length, s.seed, s.index) for s in chunk):
+            enc = tok([s.prompt for s in chunk], return_tensors="pt", padding=True)
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            hook(start, ids, mask, prefill(model, ids, mask))
+        advance()
+
+
+def _write_candidates(study: tuple[Any, Any], store: RowStore, out: Path,
+                      command: str) -> list[Path]:
+    """The study's summary, naming every sweep command that added rows to this folder."""
+    from .candidates import write
+
+    rows, cfg = study
+    sweeps = [r["command"] for r in store.rows if r.get("kind") == "run"]
+    return write(rows.rows, out, command, cfg=cfg, sweeps=sweeps)
 
 
 def _perplexity(args: argparse.Namespace, model: Any, tok: Any, configs: list[MethodConfig],

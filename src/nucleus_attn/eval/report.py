@@ -170,9 +170,13 @@ def plot_accuracy(rows: list[Row], path: Path) -> Path:
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles),
+    # entries of up to ~40 characters in as many columns as the figure is wide (2.6 in each)
+    ncol = max(1, min(len(handles), int(5.2 * len(lengths) / 2.6)))
+    legend_rows = -(-len(handles) // ncol)
+    fig.set_size_inches(5.2 * len(lengths), 4.2 + 0.22 * legend_rows)
+    fig.set_layout_engine("constrained")
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=ncol,
                fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -150,10 +150,14 @@ def run_cells(
     batch_size: int,
     judge: Callable[[int, str], bool],
     on_batch: Callable[[], None] | None = None,
+    on_prefill: Callable[[int, torch.Tensor, torch.Tensor, Any], None] | None = None,
 ) -> dict[str, tuple[int, CellStats, float]]:
     """Correct answers, budget statistics and seconds per method setting over ``prompts``.
 
     ``judge(i, text)`` says whether the text generated for prompt ``i`` is right.
+    ``on_prefill(start, ids, mask, cache)`` (optional) sees each batch's dense prefill
+    (prompts ``start ..``, left-padded ids and mask, the cache of all but the last token)
+    before any method decodes from it; it must not modify the cache (copy it).
     """
     from ..integrations.hf import enable
 
@@ -164,6 +168,8 @@ def run_cells(
         enc = tokenizer(chunk, return_tensors="pt", padding=True)
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         base = prefill(model, ids, mask)
+        if on_prefill is not None:
+            on_prefill(start, ids, mask, base)
         for cfg in configs:
             cell = results[describe(cfg)]
             t0 = time.perf_counter()
