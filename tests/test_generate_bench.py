@@ -194,7 +194,7 @@ def test_warmup_compiles_every_kernel_a_request_uses(monkeypatch):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     n, new = 24, 17  # the cache grows from 25 to 41: both residues of N mod 16 that matter
-    params = dict(CASES["twilight"], base_budget=16)
+    params = dict(CASES["twilight"], base="quest", base_budget=16)
 
     def launches(fn) -> list[host.Launch]:
         out: list[host.Launch] = []

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", default=DEFAULT_METHOD,
         help="method and parameters as name:key=value,key=value, e.g. "
-             f"twilight:p=0.9,base_budget=512 or quest:budget=1024 (default {DEFAULT_METHOD}; "
+             "twilight:p=0.9,base=quest,base_budget=512 or quest:budget=1024 "
+             f"(default {DEFAULT_METHOD}; "
              "'dense' for exact attention)")
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="tokens to generate (default 128)")

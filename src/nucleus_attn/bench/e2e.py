@@ -13,9 +13,10 @@ measured). For every (context, batch) point, in one run and on the same model an
   ``dense / no-attn`` is the Amdahl bound of any attention speed-up;
 - each sparse method at fixed kept fractions. Random weights make attention nearly uniform,
   so top-p would keep almost everything: Quest and StreamingLLM get ``fraction * N`` tokens,
-  Twilight ``p = fraction / base_fraction`` over its base candidates and Tactic
-  ``p = fraction`` (on near-uniform weights top-p keeps about that share); the fraction
-  each method actually kept is measured on an eager step and shown.
+  Twilight on its default base (every key a candidate) and Tactic ``p = fraction`` (on
+  near-uniform weights top-p keeps about that share), Twilight on the Quest base
+  ``p = fraction / base_fraction`` over its candidates; the fraction each method actually
+  kept is measured on an eager step and shown.
 
 Each step is one CUDA graph (captured after two eager steps, replayed with the position and
 mask advanced on the device). With ``--compile`` (the lean step) the whole forward is
@@ -57,7 +58,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_attention_heads=8, num_key_value_heads=2, head_dim=16,
             max_position_embeddings=4096, tie_word_embeddings=False)
 DENSE_LAYERS = 2  # the first layers stay dense under every method (as in the study)
-TWILIGHT_BASE = 0.25  # Twilight's default base budget, a fraction of N
+TWILIGHT_BASE = 0.25  # the Quest base's budget (Twilight's default base_budget), of N
 NONE_ATTN = "nucleus_attn_bench_none"
 #: Twilight's mean kept fraction at p=0.95 in the accuracy study (results/eval, SmolLM2,
 #: sparse layers, mean over passkey/multikey/multivalue), by context length.
@@ -92,10 +93,12 @@ def method_rows(n: int, fractions: list[float], methods: list[str]) -> list[Row]
             elif m == "streaming":
                 rows.append(Row(f"streaming {f:.1%}", "method",
                                 f"streaming:sink=4,window={max(1, tokens - 4)}", f))
-            elif m == "twilight":
+            elif m == "twilight":  # the default (dense) base, and the Quest base
+                rows.append(Row(f"twilight {f:.1%}", "method", f"twilight:p={f:.4g}", f))
                 p = min(1.0, f / TWILIGHT_BASE)
-                rows.append(Row(f"twilight {f:.1%}", "method",
-                                f"twilight:p={p:.4g},base_budget={round(TWILIGHT_BASE * n)}", f))
+                rows.append(Row(f"twilight base=quest {f:.1%}", "method",
+                                f"twilight:p={p:.4g},base=quest,"
+                                f"base_budget={round(TWILIGHT_BASE * n)}", f))
             elif m == "tactic":
                 rows.append(Row(f"tactic {f:.1%}", "method", f"tactic:p={f:.4g}", f))
             else:
@@ -104,8 +107,9 @@ def method_rows(n: int, fractions: list[float], methods: list[str]) -> list[Row]
     study = STUDY_TWILIGHT_P95.get(n)
     if study is not None and "twilight" in methods:
         p = study / TWILIGHT_BASE
-        rows.append(Row(f"twilight {study:.1%} (study p=0.95)", "method",
-                        f"twilight:p={p:.4g},base_budget={round(TWILIGHT_BASE * n)}", study))
+        rows.append(Row(f"twilight base=quest {study:.1%} (study p=0.95)", "method",
+                        f"twilight:p={p:.4g},base=quest,base_budget={round(TWILIGHT_BASE * n)}",
+                        study))
     return rows
 
 
@@ -390,9 +394,9 @@ def step_floor_bytes(row: dict, model: Any, b: int, n: int) -> float:
     name = spec.name
     if name == "streaming":
         per_layer = kept * 2 * shape.d * shape.es
-    elif name == "twilight":
-        cand = resolve_budget(spec.base_budget, n) * b * shape.hkv
-        per_layer = floor_bytes("twilight", b, n, shape, kept, spec, cand)
+    elif name == "twilight":  # candidates: every key (dense base) or the base's budget
+        per_row = n if spec.base == "dense" else min(n, resolve_budget(spec.base_budget, n))
+        per_layer = floor_bytes("twilight", b, n, shape, kept, spec, per_row * b * shape.hkv)
     else:
         per_layer = floor_bytes(name, b, n, shape, kept, spec)
     sparse = layers - DENSE_LAYERS

@@ -41,10 +41,12 @@ from .kernels import gpu_label, write_results
 
 #: Prompt tokens each generation prefills itself (the rest comes from the shared cache).
 TAIL = 2
-#: The sparse rows by default (settings that keep a few percent on random weights).
-DEFAULT_METHODS = ["quest:budget=0.02", "twilight:p=0.9", "tactic:p=0.1",
-                   "streaming:sink=4,window=1020"]
-QUICK_METHODS = ["quest:budget=32", "twilight:p=0.9", "tactic:p=0.5",
+#: The sparse rows by default (settings that keep a few percent on random weights, whose
+#: attention is nearly uniform: top-p over every key, as Twilight's default base and Tactic
+#: do, keeps about p of the tokens; over the Quest base's N/4 candidates, about p / 4).
+DEFAULT_METHODS = ["quest:budget=0.02", "twilight:p=0.1", "twilight:p=0.9,base=quest",
+                   "tactic:p=0.1", "streaming:sink=4,window=1020"]
+QUICK_METHODS = ["quest:budget=32", "twilight:p=0.3", "tactic:p=0.5",
                  "streaming:sink=4,window=28"]
 DENSE_LAYERS = 2
 

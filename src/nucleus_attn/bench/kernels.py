@@ -49,7 +49,7 @@ from ..span import KeySpan
 SPREAD = 8.0  # logit spread of the synthetic keys: top-p 0.9 keeps ~1-4% of the tokens
 INDEX_BYTES = 8  # int64 positions
 #: Twilight's base selectors, one row set each (helper branches add theirs here)
-TWILIGHT_BASES = ("quest", "dense")
+TWILIGHT_BASES = ("quest", "dense", "cluster")
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,12 @@ def floor_bytes(kind: str, b: int, n: int, shape: Shape, kept: float, cfg: Any =
         # codes, scale and zero of every candidate, and its position (none in range mode)
         index = 0 if base == "dense" else INDEX_BYTES
         int4 = candidates * (shape.d // 2 + 2 * shape.es + index)
-        return pages + int4 + kv_bytes(kept, shape)
+        cents = 0.0
+        if base == "cluster":  # every centroid, its size and its spread, to rank clusters
+            tcfg = cfg.cluster_config()
+            clusters = rows * math.ceil(n * (1 / tcfg.cluster_size + tcfg.outliers))
+            cents = clusters * (shape.d * shape.es + 8 + 4)
+        return pages + cents + int4 + kv_bytes(kept, shape)
     if kind == "tactic":
         from . import tactic
 
