@@ -89,7 +89,7 @@ def test_table_and_lookup(monkeypatch):
     monkeypatch.setattr(crossover, "gpu_label", lambda device: "h200")
     monkeypatch.setitem(crossover.DENSE_BELOW, "h200", {
         "twilight": {1: 1000, 8: 100}, "twilight:base=dense": 5000})
-    tw, twd = make_config("twilight"), make_config("twilight", base="dense")
+    tw, twd = make_config("twilight", base="quest"), make_config("twilight", base="dense")
     # a batch takes the largest listed batch at or below it; a field qualifier wins
     assert [crossover.default_dense_below(tw, cpu, bb) for bb in (1, 7, 8, 32)] == [
         1000, 1000, 100, 100]
