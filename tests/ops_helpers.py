@@ -415,7 +415,7 @@ def check_topp_split(device: str, b: int, hkv: int, group: int, m: int, p: float
 
         ws = torch.zeros(topp_split.workspace_numel(b * hkv, group), dtype=torch.int32,
                          device=device)
-        stats = ops.ScoreStats(st.chunk, st.max, st.sumexp, ws)
+        stats = ops.ScoreStats(st.chunk, st.max, st.sumexp, workspace=ws)
 
     def run(impl: str, stats=None):
         if range_mode:

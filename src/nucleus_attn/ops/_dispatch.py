@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -147,3 +148,25 @@ def row_strides(x: Tensor) -> tuple[int, int, int]:
 def last_dim_dense(x: Tensor) -> Tensor:
     """``x`` itself when its last dimension is contiguous, else a contiguous copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# --- a producer's workspace, handed to its consumer ---------------------------------------
+
+@dataclass(frozen=True)
+class HandsWorkspace:
+    """Base of statistics a producer kernel hands to its consumer (``ScoreStats``,
+    ``PageStats``): ``workspace`` holds the consumer's int32 counters, zeroed inside the
+    producer's own launch (one memset launch saved); it can be taken once only, since the
+    consumer leaves it dirty."""
+
+    workspace: Tensor | None = field(default=None, repr=False, compare=False, kw_only=True)
+    _taken: list[bool] = field(default_factory=lambda: [False], repr=False, compare=False,
+                               kw_only=True)
+
+    def take_workspace(self, numel: int) -> Tensor | None:
+        """The producer's zeroed workspace, once, if it has ``numel`` elements."""
+        ws = self.workspace
+        if ws is None or self._taken[0] or ws.numel() != numel:
+            return None
+        self._taken[0] = True
+        return ws

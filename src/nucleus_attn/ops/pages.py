@@ -10,14 +10,23 @@ which is how Quest and Twilight's base selector avoid reading every key.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..span import KeySpan
 from . import topk_split
-from ._dispatch import cdiv, kernel, last_dim_dense, next_pow2, row_strides, tl, use_triton
+from ._dispatch import (
+    HandsWorkspace,
+    cdiv,
+    kernel,
+    last_dim_dense,
+    next_pow2,
+    row_strides,
+    tl,
+    use_triton,
+)
 from .select import compact, group_logsoftmax_max, keep_best, mask_to_indices
 
 MAX_ROW_PAGES = 1 << 16  # pages a row kernel keeps in registers (1M tokens at page 16)
@@ -179,7 +188,7 @@ def last_page_minmax(k: Tensor, span: KeySpan, page_size: int) -> tuple[Tensor, 
 # --- page scores -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class PageStats:
+class PageStats(HandsWorkspace):
     """Softmax statistics of page bounds at a softmax scale, per chunk of pages, from the
     kernel that wrote the bounds: what :func:`topk_pages` needs to rank pages by the
     group's log-softmax without reading the rows once more first.
@@ -205,16 +214,6 @@ class PageStats:
     max: Tensor
     min: Tensor
     sumexp: Tensor
-    workspace: Tensor | None = field(default=None, repr=False, compare=False)
-    _taken: list[bool] = field(default_factory=lambda: [False], repr=False, compare=False)
-
-    def take_workspace(self, numel: int) -> Tensor | None:
-        """The producer's zeroed workspace, once, if it has ``numel`` elements."""
-        ws = self.workspace
-        if ws is None or self._taken[0] or ws.numel() != numel:
-            return None
-        self._taken[0] = True
-        return ws
 
 
 def page_stats_reference(bounds: Tensor, scale: float, chunk: int = STATS_CHUNK) -> PageStats:
@@ -360,7 +359,7 @@ def page_scores_triton(
     )
     if not stats:
         return out
-    return out, PageStats(block_p * tiles, float(scale), st[0], st[1], st[2], ws)
+    return out, PageStats(block_p * tiles, float(scale), st[0], st[1], st[2], workspace=ws)
 
 
 def page_scores(

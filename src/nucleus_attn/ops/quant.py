@@ -330,7 +330,7 @@ def _int4_launch(q: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, indices:
     )
     if not stats:
         return out
-    return out, ScoreStats(block_m * tiles, smax, ssum, ws)
+    return out, ScoreStats(block_m * tiles, smax, ssum, workspace=ws)
 
 
 def int4_scores_triton(

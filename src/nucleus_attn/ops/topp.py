@@ -21,14 +21,14 @@ paths may settle on neighbouring weights.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..span import KeySpan
 from . import topp_split
-from ._dispatch import cdiv, interpreting, kernel, next_pow2, tl, use_triton
+from ._dispatch import HandsWorkspace, cdiv, interpreting, kernel, next_pow2, tl, use_triton
 from .select import compact
 
 BISECT_STEPS = 32  # bit patterns of weights in [0, 1] span < 2**31 values
@@ -39,7 +39,7 @@ STATS_CHUNK = 1024  # candidates per chunk of the reference's ScoreStats
 
 
 @dataclass(frozen=True)
-class ScoreStats:
+class ScoreStats(HandsWorkspace):
     """Softmax statistics of score rows, per chunk of candidates, from the kernel that wrote
     the scores (so that the top-p search need not read the rows once more to get them).
 
@@ -63,16 +63,6 @@ class ScoreStats:
     chunk: int
     max: Tensor
     sumexp: Tensor
-    workspace: Tensor | None = field(default=None, repr=False, compare=False)
-    _taken: list[bool] = field(default_factory=lambda: [False], repr=False, compare=False)
-
-    def take_workspace(self, numel: int) -> Tensor | None:
-        """The producer's zeroed workspace, once, if it has ``numel`` elements."""
-        ws = self.workspace
-        if ws is None or self._taken[0] or ws.numel() != numel:
-            return None
-        self._taken[0] = True
-        return ws
 
     def row_max_total(self) -> tuple[Tensor, Tensor]:
         """``[B, Hq]`` row maximum (0 for rows without a live logit) and the row's
