@@ -10,6 +10,7 @@
 # the halves, checks the checksum and runs the sweep. Rows go to .device/eval/ on the machine
 # (kept between calls while it stays warm), so a call that runs out of time is resumed by the
 # next one with the same command: run it until it prints "eval rc=0".
+# METHODS (method specs), EXTRA (further eval options) and SAMPLES override the sweep below.
 # The gguf wheel travels in .whl/ (the GPU image lacks it).
 #
 # Budget (predicted from the previous study's cell seconds, H100: 608 s of decoding for 21
@@ -31,16 +32,17 @@ mkdir -p .device/eval "${OUT:-/tmp/out}"
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__,
   'transformers', transformers.__version__, 'triton', triton.__version__)"; } \
   | tee .device/eval/env.txt
-timeout "${EVAL_TIMEOUT:-540}" python3 -m nucleus_attn.cli eval \
+METHODS=${METHODS:-"oracle-topp:p=0.8,0.9,0.95 streaming:window=128,256,1024
+  quest:budget=128,256,512,1024 twilight:base=dense,p=0.8,0.9,0.95
+  twilight:base=cluster,p=0.8,0.9,0.95 twilight:base=quest,p=0.9,0.95
+  twilight:base=quest,page_size=4,p=0.9,0.95 tactic:p=0.8,0.9,0.95"}
+EXTRA=${EXTRA-"--candidates --perplexity --ppl-prefix 4096 --ppl-tokens 32 --ppl-windows 4"}
+# shellcheck disable=SC2086  # METHODS and EXTRA are word lists
+timeout -s INT "${EVAL_TIMEOUT:-540}" python3 -m nucleus_attn.cli eval \
   --model .model/smollm2.gguf \
   --tasks passkey multikey multivalue --lengths 2048 4096 8192 \
-  --samples 100 --batch-size 25 --min-dense-accuracy 0.5 --candidates \
-  --methods oracle-topp:p=0.8,0.9,0.95 streaming:window=128,256,1024 \
-            quest:budget=128,256,512,1024 \
-            twilight:base=dense,p=0.8,0.9,0.95 twilight:base=cluster,p=0.8,0.9,0.95 \
-            twilight:base=quest,p=0.9,0.95 twilight:base=quest,page_size=4,p=0.9,0.95 \
-            tactic:p=0.8,0.9,0.95 \
-  --perplexity --ppl-prefix 4096 --ppl-tokens 32 --ppl-windows 4 \
+  --samples "${SAMPLES:-100}" --batch-size 25 --min-dense-accuracy 0.5 \
+  --methods $METHODS $EXTRA \
   --out .device/eval 2>&1 | grep -v -E "GGUF|Loading weights|deprecated|forward_call" \
   | tee -a .device/eval/log.txt
 echo "eval rc=${PIPESTATUS[0]}"

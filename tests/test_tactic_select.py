@@ -73,3 +73,27 @@ def test_select_triton_matches_torch(name, monkeypatch):
 
 def test_bfloat16_keys(monkeypatch):
     check_select(case("gqa4-ragged", torch.bfloat16), monkeypatch)
+
+
+def test_consumers_called_again_on_one_ranking():
+    """Timing a stage alone calls cluster_lse and tactic_cut again on one (Triton) ranking,
+    whose counters are zeroed once: each later call takes fresh ones and gives the first
+    call's result (reused counters sent the list slots past the lists: an illegal memory
+    access on the GPU)."""
+    from tactic_helpers import _by_id
+
+    c = case("gqa4-ragged")
+    ranking = c.rank("triton")
+    first, again = c.lse(ranking, "triton"), c.lse(ranking, "triton")
+    b, hq, _ = c.q.shape
+    hkv = c.k.shape[1]
+    assert torch.equal(first.count, again.count) and (first.count > 0).all()
+    for bi in range(b):
+        for h in range(hkv):
+            assert _by_id(first, bi, h, hq // hkv) == _by_id(again, bi, h, hq // hkv)
+    (p1, i1, c1), (p2, i2, c2) = c.cut(first, ranking, "triton"), c.cut(first, ranking, "triton")
+    assert torch.equal(p1, p2) and torch.equal(c1, c2)
+    for bi in range(b):
+        for h in range(hkv):
+            n = int(c1[bi, h])
+            assert sorted(i1[bi, h, :n].tolist()) == sorted(i2[bi, h, :n].tolist())

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -137,12 +137,16 @@ class SparseDecodeHandle:
         self._layers = layers
         self._modules = modules
         self._module_of = {m.layer_idx: m for m in modules}
-        self._generation_config: dict[str, Any] | None = None  # what compile= replaced
+        self._generation_config: dict[str, Any] | None = None  # what enable() replaced
         self._key = compiled.register(self, modules)
-        # the key span of the current step, shared by the layers: (mask, B, N, device)
+        # the key span of the current step, shared by the layers: (layer, a weak reference
+        # to the mask, B, N, device); a strong one would keep the step's mask alive
         self._span_key: tuple[Any, ...] | None = None
         self._span: tuple[KeySpan, bool] | None = None
         self._zeros: Tensor | None = None  # [B] starts of unpadded steps, reused
+        # compiled steps: [B] starts, ends and lengths, made outside any step and written
+        # in place by each (see _compiled_span)
+        self._span_buffers: tuple[Tensor, Tensor, Tensor] | None = None
         self.compiled = False  # decode steps run compiled (see enable(compile=...))
         self.graph_resets = 0  # times recorded CUDA graphs were dropped (new state shapes)
 
@@ -183,7 +187,7 @@ class SparseDecodeHandle:
             self._generation_config = None
         for layer in self._layers.values():
             layer.forget()
-        self._span_key = self._span = self._zeros = None
+        self._span_key = self._span = self._zeros = self._span_buffers = None
 
     def __enter__(self) -> SparseDecodeHandle:
         return self
@@ -337,14 +341,18 @@ class SparseDecodeHandle:
             out = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
                                          scaling=scaling, **kwargs)
             found = None
-            if self.compiled and not module.training and not layer.stats.dense:
-                found = self._prefill_span(module, mask, query.shape[0], n, q_len, key.device,
-                                           kwargs.get("position_ids"))
+            if self.compiled and not module.training:
+                self._prepare_compiled_steps(layer, query, key)
+                if not layer.stats.dense:
+                    found = self._prefill_span(module, mask, query.shape[0], n, q_len,
+                                               key.device, kwargs.get("position_ids"))
             if found is None:
                 layer.forget()
                 layer.prefill_n = n
             else:
-                self._build(layer, key, mask, *found, in_place=True)
+                span, padded = found  # a copy: the step buffers are rewritten by each step
+                span = KeySpan(span.starts.clone(), span.ends.clone(), span.n)
+                self._build(layer, key, mask, span, padded, in_place=True)
             return out
         if layer.stats.dense:
             if self.stats:
@@ -446,11 +454,14 @@ class SparseDecodeHandle:
         """
         idx = module.layer_idx
         cached = self._span_key
-        fresh = (mask, b, n, device)
-        if (cached is not None and idx > cached[0] and cached[1] is mask
-                and cached[2:] == fresh[1:]):
-            self._span_key = (idx, *fresh)
+        if (cached is not None and idx > cached[0] and cached[1]() is mask
+                and cached[2:] == (b, n, device)):
+            self._span_key = (idx, *cached[1:])
             return self._span  # type: ignore[return-value]
+        self._span_key = (idx, _weak(mask), b, n, device)
+        if self.compiled:
+            self._span = self._compiled_span(mask, b, n, device)
+            return self._span
         if mask is None:
             # no padding: starts are zeros (kept from step to step), ends are n
             zeros = self._zeros
@@ -464,8 +475,55 @@ class SparseDecodeHandle:
             starts = valid.argmax(-1)
             ends = n - valid.flip(-1).argmax(-1)
             span = (KeySpan(starts, ends, n), True)
-        self._span_key, self._span = (idx, *fresh), span
+        self._span = span
         return span
+
+    def _compiled_span(self, mask: Tensor | None, b: int, n: int,
+                       device: torch.device) -> tuple[KeySpan, bool]:
+        """:meth:`_key_span` of a compiled step, written into the handle's step buffers.
+
+        ``torch.compile(mode="reduce-overhead")`` runs every compiled step (its warm-up
+        runs too) inside a private CUDA memory pool and refuses any allocation made there
+        that outlives the step without being one of its outputs; the span shared by the
+        layers (and cached until the next step) therefore lives in buffers made at the
+        prefill (:meth:`_prepare_compiled_steps`), and each step only writes into them.
+        """
+        starts, ends, lengths = self._step_buffers(b, device)
+        if mask is None:
+            starts.zero_()
+            ends.fill_(n)
+        else:
+            valid = _valid_keys(mask, b, n).to(torch.int8)
+            starts.copy_(valid.argmax(-1))
+            torch.sub(n, valid.flip(-1).argmax(-1), out=ends)
+        torch.sub(ends, starts, out=lengths)
+        span = KeySpan(starts, ends, n)
+        span.__dict__["lengths"] = lengths  # the cached property, in its buffer
+        return span, mask is not None
+
+    def _prepare_compiled_steps(self, layer: _Layer, query: Tensor, key: Tensor) -> None:
+        """At a prefill (eager), make what the compiled decode steps after it write into:
+        the step's key-span buffers and the layer's statistics buffers (see
+        :meth:`_compiled_span`)."""
+        b = query.shape[0]
+        self._step_buffers(b, key.device)
+        if self.stats and not layer.stats.dense:
+            layer.stats.prepare(b, key.shape[1], query.shape[1] if self.diagnostics else None,
+                                key.device)
+
+    def _step_buffers(self, b: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``[B]`` int64 starts, ends and lengths buffers of compiled steps."""
+        buffers = self._span_buffers
+        if buffers is None or buffers[0].shape[0] != b or buffers[0].device != device:
+            made = [_persistent(torch.empty, b, dtype=torch.int64, device=device)
+                    for _ in range(3)]
+            buffers = self._span_buffers = (made[0], made[1], made[2])
+        return buffers
+
+
+def _weak(t: Tensor | None) -> Callable[[], Tensor | None]:
+    """A weak reference to ``t`` (None: a callable giving None)."""
+    return (lambda: None) if t is None else weakref.ref(t)
 
 
 def _persistent(make: Any, *shape: int, **kw: Any) -> Tensor:
@@ -748,6 +806,8 @@ def enable(
     if compile_config is not None:
         handle._generation_config = _switch_generation(model, compile_config)
         handle.compiled = True
+    else:
+        handle._generation_config = _keep_eager(model)
     _reset_graphs()  # graphs recorded under another handle would replay its kernels
     return handle
 
@@ -783,6 +843,19 @@ def _switch_generation(model: PreTrainedModel, compile_config: Any) -> dict[str,
                          "True; set it to False or leave compile off")
     gen.cache_implementation = "static"
     gen.compile_config = compile_config
+    return previous
+
+
+def _keep_eager(model: PreTrainedModel) -> dict[str, Any]:
+    """Plain ``enable()``: keep ``model.generate``'s decode steps eager. For a static cache
+    on a GPU transformers would otherwise compile them itself (CUDA graphs whose memory
+    pool refuses the metadata that our first decode step builds when the prefill ran
+    uncompiled); ``enable(compile=True)`` is the compiled path. Returns what it replaced."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return {}
+    previous = {"disable_compile": getattr(gen, "disable_compile", None)}
+    gen.disable_compile = True
     return previous
 
 

@@ -35,8 +35,8 @@ def _capturing(t: Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _fits(buf: Tensor | None, shape: tuple[int, ...], like: Tensor) -> bool:
-    return buf is not None and tuple(buf.shape[1:]) == shape and buf.device == like.device
+def _fits(buf: Tensor | None, shape: tuple[int, ...], device: torch.device) -> bool:
+    return buf is not None and tuple(buf.shape[1:]) == shape and buf.device == device
 
 
 def _buffer(*shape: int, dtype: torch.dtype, device: torch.device, zero: bool = False) -> Tensor:
@@ -115,40 +115,43 @@ class LayerStats:
         if _capturing(kept):
             self._add_in_place(info)
             return
-        if kept.is_cuda:  # ready for a later capture (zeroed here, outside it)
-            if self._graph_sums is None or self._graph_sums.shape[1] != hkv:
-                self._graph_sums = _buffer(5, hkv, dtype=torch.float32, device=kept.device,
-                                           zero=True)
-            if info.mass is not None and (self._graph_mass is None
-                                          or self._graph_mass.shape[0] != info.mass.shape[1] + 1):
-                self._graph_mass = _buffer(info.mass.shape[1] + 1, dtype=torch.float32,
-                                           device=kept.device, zero=True)
-        ring = self._ring
-        if not _fits(ring, (b, hkv + 1), kept):
-            self._fold()
-            ring = self._ring = _buffer(RING_STEPS, b, hkv + 1, dtype=torch.int64,
-                                        device=kept.device)
-            if self.sums is None or self.sums.shape[1] != hkv:
-                # made with the ring, so that the footprint does not change at the first fold
-                self.sums = _buffer(4, hkv, dtype=torch.float64, device=kept.device, zero=True)
-        torch.cat((kept, info.lengths[:, None]), 1, out=ring[self._filled])
+        hq = None if info.mass is None else info.mass.shape[1]
+        self.prepare(b, hkv, hq, kept.device)
+        torch.cat((kept, info.lengths[:, None]), 1, out=self._ring[self._filled])
         self._filled += 1
         self.rows += b
         if info.mass is not None:
-            hq = info.mass.shape[1]
             self.q_heads = hq
-            rm = self._ring_mass
-            if not _fits(rm, (b, hq), kept):
-                self._fold()
-                rm = self._ring_mass = _buffer(RING_STEPS, b, hq, dtype=torch.float32,
-                                               device=kept.device)
-                if self.mass is None or self.mass.shape[0] != hq:
-                    self.mass = _buffer(hq, dtype=torch.float64, device=kept.device, zero=True)
-            rm[self._mass_filled].copy_(info.mass)
+            self._ring_mass[self._mass_filled].copy_(info.mass)
             self._mass_filled += 1
             self.mass_rows += b
         if self._filled == RING_STEPS or self._mass_filled == RING_STEPS:
             self._fold()
+
+    def prepare(self, b: int, hkv: int, hq: int | None, device: torch.device) -> None:
+        """Make (if not there yet) the buffers a step of ``b`` rows, ``hkv`` KV heads and
+        ``hq`` query heads (None: no masses measured) writes into. :meth:`add` calls it;
+        compiled generation calls it at the prefill, outside any step, since a step under
+        ``torch.compile(mode="reduce-overhead")`` may not allocate what outlives it."""
+        if device.type == "cuda":  # ready for a later capture (zeroed here, outside it)
+            if self._graph_sums is None or self._graph_sums.shape[1] != hkv:
+                self._graph_sums = _buffer(5, hkv, dtype=torch.float32, device=device,
+                                           zero=True)
+            if hq is not None and (self._graph_mass is None
+                                   or self._graph_mass.shape[0] != hq + 1):
+                self._graph_mass = _buffer(hq + 1, dtype=torch.float32, device=device,
+                                           zero=True)
+        if not _fits(self._ring, (b, hkv + 1), device):
+            self._fold()
+            self._ring = _buffer(RING_STEPS, b, hkv + 1, dtype=torch.int64, device=device)
+            if self.sums is None or self.sums.shape[1] != hkv:
+                # made with the ring, so that the footprint does not change at the first fold
+                self.sums = _buffer(4, hkv, dtype=torch.float64, device=device, zero=True)
+        if hq is not None and not _fits(self._ring_mass, (b, hq), device):
+            self._fold()
+            self._ring_mass = _buffer(RING_STEPS, b, hq, dtype=torch.float32, device=device)
+            if self.mass is None or self.mass.shape[0] != hq:
+                self.mass = _buffer(hq, dtype=torch.float64, device=device, zero=True)
 
     def _fold(self) -> None:
         """Reduce the live ring slots into the running sums (a few ops, no host sync)."""

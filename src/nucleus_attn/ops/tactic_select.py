@@ -35,7 +35,7 @@ included).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -87,13 +87,15 @@ class ClusterRanking:
         it), each segment's first and last bin (empty when first > last) and nominal
         start rank ``x0``.
     scratch : Tensor or None
-        Zeroed counters for the downstream kernels (Triton path only).
+        Zeroed counters for the downstream kernels (Triton path only), each consumer's
+        taken once (see :func:`_scratch`).
     """
 
     bins: Tensor
     starts: Tensor
     plan: Tensor
     scratch: Tensor | None = None
+    _taken: set[str] = field(default_factory=set, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -614,9 +616,15 @@ def _cluster_lse_kernel(
 LSE_CLUSTERS, LSE_LANES = 16, 8
 
 
-def _scratch(ranking: ClusterRanking, rows: int, device: torch.device) -> Tensor:
-    if ranking.scratch is not None and ranking.scratch.shape[0] == rows:
-        return ranking.scratch
+def _scratch(ranking: ClusterRanking, rows: int, device: torch.device, user: str) -> Tensor:
+    """The ranking's zeroed counters for one consumer (``"lse"``: the list slots;
+    ``"cut"``: the prefix and the ticket), once per consumer. The consumer leaves them
+    dirty, so a second call on the same ranking (a stage timed alone, a retry) gets fresh
+    zeros: reused counters would send its atomics past the ends of its lists."""
+    s = ranking.scratch
+    if s is not None and s.shape[0] == rows and user not in ranking._taken:
+        ranking._taken.add(user)
+        return s
     return torch.zeros(rows, _SCRATCH, dtype=torch.int32, device=device)
 
 
@@ -634,7 +642,7 @@ def cluster_lse_triton(
     g = hq // hkv
     rows = b * hkv
     dev = q.device
-    scratch = _scratch(ranking, rows, dev)
+    scratch = _scratch(ranking, rows, dev, "lse")
     ids = torch.empty(b, hkv, c, dtype=torch.int32, device=dev)
     lbins = torch.empty_like(ids)
     ntok = torch.empty_like(ids)
@@ -950,7 +958,7 @@ def tactic_cut_triton(
     rows = b * hkv
     n = span.n
     dev = masses.lse.device
-    scratch = _scratch(ranking, rows, dev)
+    scratch = _scratch(ranking, rows, dev, "cut")
     if labels.stride(-1) != 1:
         labels = labels.contiguous()
     out = torch.empty(b, hkv, n, dtype=torch.int64, device=dev)
