@@ -17,6 +17,8 @@ from tactic_helpers import (
     make_case,
 )
 
+from nucleus_attn.ops import tactic_select as ts
+
 pytestmark = pytest.mark.usefixtures(interpreter.__name__)
 
 # (B, Hq, Hkv, N, d, ragged, appended, method parameters); "diffuse" cases have flat
@@ -45,9 +47,11 @@ def test_rank_clusters(name):
     check_rank_clusters(case(name))
 
 
+@pytest.mark.parametrize("two_pass", [True, False])
 @pytest.mark.parametrize("name", ["gqa4-ragged", "gqa3", "gqa8-appended-ragged",
                                   "size1-clusters", "single-cluster"])
-def test_cluster_lse(name):
+def test_cluster_lse(name, two_pass, monkeypatch):
+    monkeypatch.setattr(ts, "LSE_TWO_PASS", two_pass)
     check_cluster_lse(case(name))
 
 

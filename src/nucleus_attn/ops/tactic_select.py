@@ -25,7 +25,8 @@ torch reference (the specification) beside its Triton kernels:
    cluster order, straight into the layout :func:`~nucleus_attn.ops.sparse_attention`
    reads; two launches (chunk totals, then the copy).
 
-With the memset of its counters, a selection is seven launches. The list of sampled
+With the memset of its counters, a selection is eight launches (seven with
+:data:`LSE_TWO_PASS` off). The list of sampled
 clusters is filled by atomics, in unspecified order; the cut only sums over it, in fixed
 point, so its result does not depend on that order, and the kept list is written in a
 fixed order: a step gives bitwise the same output every time it runs (CUDA-graph replays
@@ -516,12 +517,16 @@ def _cluster_lse_kernel(
     HKV, C, LM, D, NCHUNK, FCAP, J, sink, window, scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, CB: tl.constexpr, S: tl.constexpr,
     BLOCK_D: tl.constexpr, FB: tl.constexpr, DOT_F32: tl.constexpr, SCRATCH: tl.constexpr,
-    COUNT: tl.constexpr,
+    COUNT: tl.constexpr, PHASE: tl.constexpr,
 ):
-    # programs [0, NCHUNK) of a row: CB clusters each; the sampled ones (head or segment
-    # bins) take list slots by an atomic, and their members' keys, read from the member
-    # lists S lanes at a time, give an online log-sum-exp per (query head, cluster).
-    # Programs NCHUNK.. : one block of FB always-kept tokens each.
+    # PHASE 0 (one launch): programs [0, NCHUNK) of a row take CB clusters each; the
+    # sampled ones (head or segment bins) take list slots by an atomic, and their members'
+    # keys, read from the member lists S lanes at a time, give an online log-sum-exp per
+    # (query head, cluster). Programs NCHUNK.. : one block of FB always-kept tokens each.
+    # PHASE 1 + 2 (two launches): phase 1 only fills the list (and the always-kept
+    # blocks); phase 2's program i scores list entries [i*CB, i*CB + CB), so that every
+    # lane holds a sampled cluster (in phase 0 a chunk of CB cluster ids holds about one:
+    # most lanes idle while the program walks its longest cluster).
     row = tl.program_id(0)
     pid = tl.program_id(1)
     b = row // HKV
@@ -539,23 +544,34 @@ def _cluster_lse_kernel(
     s0 = tl.load(s_ptr + b)
     e0 = tl.load(e_ptr + b)
     if pid < NCHUNK:
-        c = pid * CB + tl.arange(0, CB)
-        mc = c < C
         cbase = row.to(tl.int64) * C
-        size = tl.load(sizes_ptr + cbase + c, mask=mc, other=0).to(tl.int32)
-        bn = tl.load(bins_ptr + cbase + c, mask=mc, other=0)
-        pbase = plan_ptr + row.to(tl.int64) * 8
-        hb = tl.load(pbase)
-        in1 = (bn >= tl.load(pbase + 1)) & (bn <= tl.load(pbase + 2))
-        in2 = (bn >= tl.load(pbase + 3)) & (bn <= tl.load(pbase + 4))
-        samp = mc & (size > 0) & ((bn < hb) | in1 | in2)
-        nsel = tl.sum(samp.to(tl.int32), axis=0)
-        if nsel == 0:
-            return
-        base = tl.atomic_add(scratch_ptr + row.to(tl.int64) * SCRATCH + COUNT, nsel)
-        slot = base + tl.cumsum(samp.to(tl.int32), axis=0) - 1
-        tl.store(ids_ptr + cbase + slot, c, mask=samp)
-        tl.store(lbins_ptr + cbase + slot, bn, mask=samp)
+        if PHASE == 2:
+            listed = tl.load(scratch_ptr + row.to(tl.int64) * SCRATCH + COUNT)
+            if pid * CB >= listed:
+                return
+            slot = pid * CB + tl.arange(0, CB)
+            samp = slot < listed
+            c = tl.load(ids_ptr + cbase + slot, mask=samp, other=0)
+            size = tl.load(sizes_ptr + cbase + c, mask=samp, other=0).to(tl.int32)
+        else:
+            c = pid * CB + tl.arange(0, CB)
+            mc = c < C
+            size = tl.load(sizes_ptr + cbase + c, mask=mc, other=0).to(tl.int32)
+            bn = tl.load(bins_ptr + cbase + c, mask=mc, other=0)
+            pbase = plan_ptr + row.to(tl.int64) * 8
+            hb = tl.load(pbase)
+            in1 = (bn >= tl.load(pbase + 1)) & (bn <= tl.load(pbase + 2))
+            in2 = (bn >= tl.load(pbase + 3)) & (bn <= tl.load(pbase + 4))
+            samp = mc & (size > 0) & ((bn < hb) | in1 | in2)
+            nsel = tl.sum(samp.to(tl.int32), axis=0)
+            if nsel == 0:
+                return
+            base = tl.atomic_add(scratch_ptr + row.to(tl.int64) * SCRATCH + COUNT, nsel)
+            slot = base + tl.cumsum(samp.to(tl.int32), axis=0) - 1
+            tl.store(ids_ptr + cbase + slot, c, mask=samp)
+            tl.store(lbins_ptr + cbase + slot, bn, mask=samp)
+            if PHASE == 1:
+                return
         off = tl.load(offsets_ptr + cbase + c, mask=samp, other=0)
         ssz = tl.where(samp, size, 0)
         longest = tl.max(ssz, axis=0)
@@ -614,6 +630,9 @@ def _cluster_lse_kernel(
 
 # clusters per program and member lanes per step of the log-mass kernel (a tile of 128 keys)
 LSE_CLUSTERS, LSE_LANES = 16, 8
+#: The log-mass kernel in two launches (fill the list of sampled clusters, then score it
+#: with every lane busy) rather than one (see _cluster_lse_kernel).
+LSE_TWO_PASS = True
 
 
 def _scratch(ranking: ClusterRanking, rows: int, device: torch.device, user: str) -> Tensor:
@@ -633,8 +652,9 @@ def cluster_lse_triton(
     sizes: Tensor, span: KeySpan, since: Tensor, sink: int, window: int,
     fixed_capacity: int, scale: float,
 ) -> ClusterMasses:
-    """Triton version of :func:`cluster_lse_reference` (one launch): list entries past
-    ``count`` are left unwritten, and the list is in the order the programs claimed it."""
+    """Triton version of :func:`cluster_lse_reference` (two launches, or one with
+    :data:`LSE_TWO_PASS` off): list entries past ``count`` are left unwritten, and the list
+    is in the order the programs claimed it."""
     q, k = last_dim_dense(q), last_dim_dense(k)
     members, offsets, sizes = members.contiguous(), offsets.contiguous(), sizes.contiguous()
     b, hq, d = q.shape
@@ -651,14 +671,18 @@ def cluster_lse_triton(
     fixed_lse = torch.empty(b, hq, blocks, dtype=torch.float32, device=dev)
     nchunk = cdiv(c, LSE_CLUSTERS)
     f32 = dot_in_f32(q, k)
-    _cluster_lse_kernel[(rows, nchunk + blocks)](
-        q, k, members, offsets, sizes, ranking.bins, ranking.plan, span.starts, span.ends,
-        since.to(span.ends.dtype), ids, lbins, ntok, lse, scratch, fixed_lse,
-        q.stride(0), q.stride(1), *row_strides(k), hkv, c, members.shape[-1], d, nchunk,
-        fixed_capacity, blocks, sink, window, float(scale), GROUP=g, BLOCK_G=dot_block(g),
-        CB=LSE_CLUSTERS, S=LSE_LANES, BLOCK_D=max(16, next_pow2(d)), FB=FIXED_BLOCK,
-        DOT_F32=f32, SCRATCH=_SCRATCH, COUNT=_COUNT_LIST, num_warps=8 if f32 else 4,
-    )
+    args = (q, k, members, offsets, sizes, ranking.bins, ranking.plan, span.starts, span.ends,
+            since.to(span.ends.dtype), ids, lbins, ntok, lse, scratch, fixed_lse,
+            q.stride(0), q.stride(1), *row_strides(k), hkv, c, members.shape[-1], d, nchunk,
+            fixed_capacity, blocks, sink, window, float(scale))
+    meta = dict(GROUP=g, BLOCK_G=dot_block(g), CB=LSE_CLUSTERS, S=LSE_LANES,
+                BLOCK_D=max(16, next_pow2(d)), FB=FIXED_BLOCK, DOT_F32=f32, SCRATCH=_SCRATCH,
+                COUNT=_COUNT_LIST, num_warps=8 if f32 else 4)
+    if LSE_TWO_PASS:
+        _cluster_lse_kernel[(rows, nchunk + blocks)](*args, PHASE=1, **meta)
+        _cluster_lse_kernel[(rows, nchunk)](*args, PHASE=2, **meta)
+    else:
+        _cluster_lse_kernel[(rows, nchunk + blocks)](*args, PHASE=0, **meta)
     count = scratch[:, _COUNT_LIST].view(b, hkv)
     return ClusterMasses(ids, lbins, ntok, lse, count, fixed_lse)
 
