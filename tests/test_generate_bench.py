@@ -116,8 +116,9 @@ def test_compiled_generate_gives_the_eager_tokens(llama, method):
         layer = handle._layers[2]
         ptrs = _data_ptrs(layer.state)
         second = generate(llama, b)
-        if method in ("quest", "twilight"):  # same shapes: rebuilt in place
+        if method in ("quest", "twilight", "tactic"):  # same shapes: rebuilt in place
             assert _data_ptrs(layer.state) == ptrs
+            assert handle.graph_resets == 0
         assert handle.compiled
         s = handle.summary()
     assert torch.equal(first, eager[0]) and torch.equal(second, eager[1])
@@ -367,3 +368,22 @@ def test_time_profile_fits_a_line():
     assert t["flatness"] == pytest.approx(1.0, rel=1e-3)
     spiky = steps[:300] + [s * 2 for s in steps[300:320]] + steps[320:]
     assert time_profile(spiky, prompt_tokens=99)["flatness"] > 1.5
+
+
+def test_crop_static_cache_without_crop(llama, monkeypatch):
+    """bench generate continues every run from one prefilled cache, cropped back after each
+    run; transformers before 5.24 has no crop for static layers (the GPU image's 5.17):
+    then the tail is cleared and each layer's length set, as crop does."""
+    from nucleus_attn.bench.generate import crop, prefill_cache
+
+    ids = prompt(30, 5)
+    cache, _ = prefill_cache(llama, ids, 48)
+    assert int(cache.get_seq_length()) == 30
+
+    def no_crop(*args):
+        raise AttributeError("'StaticLayer' object has no attribute 'crop'")
+
+    monkeypatch.setattr(type(cache), "crop", no_crop)
+    crop(cache, 20)
+    assert int(cache.get_seq_length()) == 20
+    assert not cache.layers[0].keys[:, :, 20:].any()

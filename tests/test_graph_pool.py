@@ -134,3 +134,21 @@ def test_plain_enable_keeps_generate_eager(llama):
     with na.enable(llama, "quest", budget=16, page_size=8, compile=compile_config()):
         assert not gen.disable_compile
         assert gen.cache_implementation == "static"
+
+
+def test_graphs_are_dropped_only_after_recorded_steps(llama, monkeypatch):
+    """Switching handles drops recorded CUDA graphs with torch.compiler.reset() (the only
+    way to drop a compiled function's graphs: shutting its cudagraph tree down makes its
+    next call fail), and only when compiled steps ran on a GPU since the last reset."""
+    from nucleus_attn.integrations import compiled
+
+    calls = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: calls.append(1))
+    compiled.take_recorded()
+    with na.enable(llama, "quest", budget=16, page_size=8):
+        pass
+    assert calls == []  # nothing was recorded: no recompilation
+    compiled._RECORDED[0] = True  # what a compiled step of a compile= handle on a GPU sets
+    with na.enable(llama, "quest", budget=16, page_size=8):
+        assert calls == [1]
+    assert calls == [1] and not compiled.take_recorded()

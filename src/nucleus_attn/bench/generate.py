@@ -149,6 +149,15 @@ def crop(cache: Any, length: int) -> None:
         cache.crop(-excess)  # transformers >= 5.24: the number of tokens to remove
     except (ValueError, RuntimeError):
         cache.crop(length)  # older: the length to keep
+    except AttributeError:  # older static layers (5.17) cannot crop: do what crop does
+        for layer in cache.layers:
+            layer.keys[:, :, length:].zero_()
+            layer.values[:, :, length:].zero_()
+            written = getattr(layer, "cumulative_length", None)  # the layer's length
+            if isinstance(written, torch.Tensor):
+                written.fill_(length)  # in place: its address is marked static
+            elif written is not None:
+                layer.cumulative_length = length
 
 
 # --- one row ------------------------------------------------------------------------------

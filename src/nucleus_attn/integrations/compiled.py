@@ -27,6 +27,9 @@ from torch import Tensor, nn
 KEY_ATTR = "_nucleus_attn_key"
 
 _KEYS = itertools.count(1)
+# whether compiled steps of an enable(compile=...) handle ran on a GPU since the last reset
+# (then they recorded CUDA graphs that replay our op's kernels: see hf._reset_graphs)
+_RECORDED = [False]
 # model key -> the handle enabled on that model now (none: plain SDPA)
 _HANDLES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
@@ -47,6 +50,12 @@ def unregister(key: int, handle: Any) -> None:
         del _HANDLES[key]
 
 
+def take_recorded() -> bool:
+    """Whether compiled steps recorded CUDA graphs since the last call (and clear it)."""
+    ran, _RECORDED[0] = _RECORDED[0], False
+    return ran
+
+
 @torch.library.custom_op("nucleus_attn::attend", mutates_args=())
 def attend_op(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, model: int,
               layer: int, dropout: float, scaling: float | None,
@@ -62,6 +71,8 @@ def attend_op(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, mo
                                       scaling=scaling, **kwargs)[0]
     # from now on, prefill rebuilds the metadata in place: replayed graphs read it there
     handle.compiled = True
+    if query.is_cuda and handle.compile_mode:
+        _RECORDED[0] = True
     module = handle._module_of[layer]
     out, _ = handle._attend(module, query, key, value, mask, dropout, scaling, kwargs)
     return out

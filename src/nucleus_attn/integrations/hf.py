@@ -27,7 +27,6 @@ eager code when the graph is recorded.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -148,6 +147,7 @@ class SparseDecodeHandle:
         # in place by each (see _compiled_span)
         self._span_buffers: tuple[Tensor, Tensor, Tensor] | None = None
         self.compiled = False  # decode steps run compiled (see enable(compile=...))
+        self.compile_mode = False  # made by enable(compile=...)
         self.graph_resets = 0  # times recorded CUDA graphs were dropped (new state shapes)
 
     @property
@@ -535,7 +535,9 @@ def _persistent(make: Any, *shape: int, **kw: Any) -> Tensor:
 def _copy_into(old: Any, new: Any) -> bool:
     """Copy method state ``new`` into ``old`` (tensors in place, recursively through
     dataclasses); False, leaving ``old`` partly written, when a tensor's shape, dtype or
-    device or a host-side value (page counts, Tactic's largest cluster...) differs."""
+    device or a host-side value (page counts, the clusters' size bound...) differs. Fields
+    that a state class names in ``HOST_COUNTERS`` (counts no kernel reads) take the new
+    value instead of being compared."""
     if isinstance(old, Tensor):
         if not isinstance(new, Tensor) or (old.shape, old.dtype, old.device) != (
                 new.shape, new.dtype, new.device):
@@ -545,8 +547,12 @@ def _copy_into(old: Any, new: Any) -> bool:
     if dataclasses.is_dataclass(old) and not isinstance(old, type):
         if type(old) is not type(new):
             return False
+        counters = getattr(type(old), "HOST_COUNTERS", ())
         for f in fields(old):
             a, b = getattr(old, f.name), getattr(new, f.name)
+            if f.name in counters:  # host-side counts no kernel reads: the new one's
+                setattr(old, f.name, b)
+                continue
             if isinstance(a, Tensor) or (dataclasses.is_dataclass(a) and not isinstance(a, type)
                                          and not type(a).__dataclass_params__.frozen):
                 if not _copy_into(a, b):
@@ -558,13 +564,19 @@ def _copy_into(old: Any, new: Any) -> bool:
 
 
 def _reset_graphs() -> None:
-    """Drop the CUDA graphs ``torch.compile(mode="reduce-overhead")`` recorded; the next
-    call records them again. Needed whenever what our attention op does changes behind the
-    compiled graph (another method or handle, statistics switched, method state replaced):
-    a replay runs the kernels recorded, with the addresses recorded, and no Python."""
-    trees = sys.modules.get("torch._inductor.cudagraph_trees")
-    if trees is not None:
-        trees.reset_cudagraph_trees()
+    """Drop the CUDA graphs that compiled steps recorded (``enable(compile=...)``:
+    ``torch.compile(mode="reduce-overhead")``); the next step compiles and records again.
+
+    Needed whenever what our attention op does changes behind the compiled graph (another
+    method or handle, statistics switched, method state replaced): a replay runs the
+    kernels recorded, with the addresses recorded, and no Python. A compiled function's
+    graphs cannot be dropped alone (a function whose cudagraph tree was shut down fails:
+    "Running CUDAGraph after shutdown"), so this is ``torch.compiler.reset()``: every
+    compiled function of the process compiles again at its next call. Nothing is reset
+    unless compiled steps ran on a GPU since the last reset.
+    """
+    if compiled.take_recorded():
+        torch.compiler.reset()
 
 
 def _valid_keys(mask: Tensor, b: int, n: int) -> Tensor:
@@ -805,7 +817,7 @@ def enable(
     _ENABLED[model] = handle
     if compile_config is not None:
         handle._generation_config = _switch_generation(model, compile_config)
-        handle.compiled = True
+        handle.compiled = handle.compile_mode = True
     else:
         handle._generation_config = _keep_eager(model)
     _reset_graphs()  # graphs recorded under another handle would replay its kernels

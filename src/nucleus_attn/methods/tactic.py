@@ -146,11 +146,15 @@ class ClusterState:
     clustered: int  # positions [0, clustered) were clustered
     members: Tensor
     offsets: Tensor
-    max_size: int  # largest cluster
+    max_size: int  # a bound on the largest cluster: its size rounded up to a power of two
     ends: Tensor  # [B] span ends at clustering
     appended: int = 0  # tokens written into a static cache since clustering
     spread: Tensor | None = None  # [B, Hkv, C] float32
     room: int = 0  # positions of a static cache still unwritten at clustering (most of a row)
+    #: host-side values no kernel reads (Twilight's cluster base keeps its own copy of
+    #: the size bound): a request's fresh state copied into the previous one's buffers
+    #: (compiled generation) takes them as they are
+    HOST_COUNTERS: ClassVar[tuple[str, ...]] = ("appended", "max_size")
 
     @staticmethod
     def build(k: Tensor, span: KeySpan, cfg: TacticConfig) -> ClusterState:
@@ -167,7 +171,10 @@ class ClusterState:
         # cache can still write (0 in a growing cache, whose every sequence ends at N)
         most = torch.stack([sizes.amax() if sizes.numel() else sizes.new_zeros(()),
                             (k.shape[2] - span.ends).amax()])
-        max_size, room = (int(x) for x in most.tolist())
+        largest, room = (int(x) for x in most.tolist())
+        # rounded up, so that the next request's clusters usually give the same bound: its
+        # metadata then fits the buffers that recorded CUDA graphs read (hf._copy_into)
+        max_size = 1 << max(0, largest - 1).bit_length()
         return ClusterState(cfg, cents.to(k.dtype), labels, sizes, k.shape[2], k.shape[2],
                             members, offsets, max_size, span.ends.clone(), spread=spread,
                             room=room)

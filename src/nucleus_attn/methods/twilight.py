@@ -163,6 +163,10 @@ class TwilightState:
     pages: PageState | None
     keys: Int4Keys
     clusters: ClusterState | None = None
+    # the clusters' size bound at the build: it sizes the candidate list, so it is
+    # compared (not taken over) when a request's state is copied into the previous one's
+    # buffers (the clusters' own max_size is a host counter there)
+    cluster_bound: int = 0
 
     def extend(self, k: Tensor, span: KeySpan) -> None:
         if self.pages is not None:
@@ -183,12 +187,13 @@ def new_state(k: Tensor, span: KeySpan, cfg: TwilightConfig) -> TwilightState:
     pages = PageState.build(k, span, cfg.page_size) if cfg.base == "quest" else None
     clusters = (ClusterState.build(k, span, cfg.cluster_config()) if cfg.base == "cluster"
                 else None)
-    return TwilightState(pages, Int4Keys.build(k), clusters)
+    return TwilightState(pages, Int4Keys.build(k), clusters,
+                         clusters.max_size if clusters is not None else 0)
 
 
 def cluster_candidates(
     q: Tensor, clusters: ClusterState, span: KeySpan, n: int, budget: int, sink: int,
-    window: int, scale: float,
+    window: int, scale: float, size_bound: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Candidates of the ``"cluster"`` base: the best clusters up to ``budget`` tokens.
 
@@ -248,7 +253,7 @@ def cluster_candidates(
     before = torch.cumsum(new_r, -1) - new_r  # new tokens of the better-ranked clusters
     take = torch.where((before < room) & (new_r > 0), size_r, torch.zeros_like(size_r))
     # sum(take) < room + one cluster + the fixed tokens inside the chosen clusters
-    cap = max(1, min(n, budget + clusters.max_size))
+    cap = max(1, min(n, budget + max(size_bound, clusters.max_size)))
     tok, tcnt, _ = ops.cluster_tokens(order, take, clusters.offsets, clusters.members, cap,
                                       with_ranks=False)
     # fixed tokens that no chosen cluster holds
@@ -281,7 +286,7 @@ def select(q: Tensor, k: Tensor, state: TwilightState, span: KeySpan, cfg: Twili
         return Selection(kept, kcnt, span.lengths[:, None].expand(-1, hkv))
     if cfg.base == "cluster":
         cand, ccnt = cluster_candidates(q, state.clusters, span, n, budget, cfg.sink,
-                                        cfg.window, scale)
+                                        cfg.window, scale, state.cluster_bound)
     else:
         cand, ccnt = select_pages(q, state.pages, span, budget, cfg.sink, cfg.window, scale)
     est, stats = ops.int4_scores(q, keys.codes, keys.scale, keys.zero, cand, ccnt, scale,
