@@ -30,21 +30,27 @@ import torch
 #: before the plain name.
 #:
 #: h200: MEASURED per layer with ``nucleus-attn bench kernels --n 4096 32768 131072
-#: --batch 1 8 --fractions 0.01 --methods dense quest twilight`` (2026-12-01, the split
-#: selection kernels; notes/h200_runs/bench_kernels_after.log): the smallest N of that grid
-#: where the method beat our dense decode. Quest (1%): B=1 only at 128k (0.85x at 32k),
-#: B=8 from 4k (1.24x). Twilight (p=0.9, Quest base): B=1 never up to 128k (0.81x there),
-#: B=8 from 32k (1.18x). Twilight with the dense base never beat dense. "Never up to 128k"
-#: is entered as 262144, the next length, not measured. COARSE: the grid has three lengths;
-#: re-measure on a finer grid (and after kernel changes) and update. Streaming's values are
-#: PROVISIONAL, from the whole-model results/bench_e2e_h200.json (faster than dense from
-#: 32k at B=1 and B=4, from 4k at B=8). Methods absent from a GPU's entry have no
-#: crossover there.
+#: --batch 1 8 --fractions 0.01 --methods dense quest twilight tactic`` (2026-12-01,
+#: results/bench_kernels_h200.json): the smallest N of that grid where the method beat
+#: our dense decode. Quest (1%): B=1 at 32k only by 1% (1.01x: noise), so from 128k
+#: (1.98x); B=8 from 4k (1.70x). Twilight (p=0.9, Quest base): B=1 never up to 128k
+#: (0.86x there), B=8 from 32k (1.24x). Twilight with the dense or the cluster base never
+#: beat dense. Tactic (p=0.9) with the two-launch log-mass kernel, measured after that
+#: grid (results/bench_kernels_h200_128k1.json, scripts/time_tactic_lse.py): 1.16x at
+#: 128k x 1, 1.53x at 32k x 8 and 2.00x at 128k x 8; not re-measured at 32k x 1 (0.52x
+#: before the change) nor at 4k x 8 (0.48x before): entered as 131072 (B=1) and 32768
+#: (B=8). "Never up to 128k" is entered as 262144, the next length, not measured. COARSE:
+#: the grid has three lengths; re-measure on a finer grid (and after kernel changes).
+#: Streaming's values are PROVISIONAL, from the whole-model results/bench_e2e_h200.json
+#: (faster than dense from 32k at B=1 and B=4, from 4k at B=8). Methods absent from a
+#: GPU's entry have no crossover there.
 DENSE_BELOW: dict[str, dict[str, int | dict[int, int]]] = {
     "h200": {
         "quest": {1: 131072, 8: 4096},
         "twilight": {1: 262144, 8: 32768},
         "twilight:base=dense": 262144,
+        "twilight:base=cluster": 262144,
+        "tactic": {1: 131072, 8: 32768},
         "streaming": {1: 32768, 8: 4096},
     },
 }
