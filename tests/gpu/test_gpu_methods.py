@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nucleus_attn as na
-from nucleus_attn.bench.kernels import LLAMA3_8B, peaked_inputs
+from nucleus_attn.bench.kernels import LLAMA3_8B, capture_graph, peaked_inputs
 from nucleus_attn.decode import decode_step, new_state
 from nucleus_attn.span import KeySpan
 
@@ -76,14 +76,7 @@ def test_decode_step_captures_in_a_cuda_graph(method):
     def step():
         return decode_step(q_static, k, v, cfg, state, span, scale)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_static, info_static = step()
+    graph, (out_static, info_static) = capture_graph(step)  # compiled outside the capture
     for seed in range(3):
         g = torch.Generator(device=DEV).manual_seed(100 + seed)
         q_new = q0 + 0.5 * torch.randn(q0.shape, generator=g, device=DEV).to(q0.dtype)
@@ -116,14 +109,7 @@ def test_split_selection_captures_in_a_cuda_graph(method, params):
     def step():
         return decode_step(q_static, k, v, cfg, state, span, scale)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_static, info_static = step()
+    graph, (out_static, info_static) = capture_graph(step)
     for seed in range(3):
         g = torch.Generator(device=DEV).manual_seed(200 + seed)
         q_new = q0 + 0.5 * torch.randn(q0.shape, generator=g, device=DEV).to(q0.dtype)
@@ -162,14 +148,7 @@ def test_static_cache_model_step_replays_in_a_cuda_graph(method):
     loop.reset()
     with na.enable(model, method, dense_layers=1, stats=False, **settings[method]):
         loop.step()  # builds the state
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            loop.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            logits = loop.step()
+        graph, logits = capture_graph(loop.step)
         replayed = []
         for _ in range(4):
             graph.replay()

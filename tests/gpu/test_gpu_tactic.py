@@ -19,7 +19,7 @@ from tactic_helpers import (
 )
 
 import nucleus_attn as na
-from nucleus_attn.bench.kernels import LLAMA3_8B, peaked_inputs
+from nucleus_attn.bench.kernels import LLAMA3_8B, capture_graph, peaked_inputs
 from nucleus_attn.decode import decode_step, new_state
 from nucleus_attn.methods import tactic
 from nucleus_attn.span import KeySpan
@@ -100,14 +100,7 @@ def test_graph_replays_and_reclusters_in_place_between_replays():
     def step():
         return decode_step(q_static, k, v, cfg, state, span_static, scale)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_static, info_static = step()
+    graph, (out_static, info_static) = capture_graph(step)
     for i in range(12):
         ends_static.add_(1)  # one more token per sequence, written in place
         span_i = KeySpan.from_lengths(ends_static.clone(), n)

@@ -46,7 +46,15 @@ from torch import Tensor
 from ..memory import memory_table
 from ..methods import MethodConfig, parse_method
 from ..methods.base import resolve_budget
-from .kernels import Shape, bandwidths, floor_bytes, gpu_label, kernel_times, write_results
+from .kernels import (
+    Shape,
+    bandwidths,
+    capture_graph,
+    floor_bytes,
+    gpu_label,
+    kernel_times,
+    write_results,
+)
 
 #: Llama-3-8B's architecture (the weights are random).
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -273,14 +281,7 @@ def time_row(loop: DecodeLoop, steps: int, graphs: bool) -> float:
             loop.step()
             times.append(time.perf_counter() - start)
         return sorted(times)[len(times) // 2]
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        loop.step()  # the captured step must not be the first of its shape
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        loop.step()
+    graph, _ = capture_graph(loop.step)  # the captured step is not the first of its shape
     for _ in range(3):
         graph.replay()
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]

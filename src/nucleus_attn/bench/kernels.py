@@ -117,18 +117,26 @@ def time_call(fn: Callable[[], Any], device: torch.device, quick: bool) -> float
         return sorted(times)[len(times) // 2]
     import triton
 
+    graph, _ = capture_graph(fn, warmups=2)
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    del graph
+    return ms * 1e-3
+
+
+def capture_graph(fn: Callable[[], Any], warmups: int = 1) -> tuple[Any, Any]:
+    """``fn`` captured in a CUDA graph, and what the captured call returned (its tensors are
+    the ones each replay rewrites). ``warmups`` eager calls on a side stream come first, so
+    that kernels compile and allocations settle outside the capture."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):
+        for _ in range(warmups):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
-    del graph
-    return ms * 1e-3
+        out = fn()
+    return graph, out
 
 
 def bandwidths(device: torch.device, quick: bool) -> tuple[float, float]:
