@@ -34,7 +34,6 @@ from nucleus_attn.ops import (  # noqa: E402
     tactic_select,
     topk_split,
     topp,
-    topp_split,
 )
 from nucleus_attn.span import KeySpan  # noqa: E402
 
@@ -82,7 +81,7 @@ def main() -> int:
     for module in (attention, clusters, pages, quant, topp, tactic_select):  # CPU tensors
         module.use_triton = lambda impl, *tensors: impl != "torch"
     attention.num_sms = lambda device: 132  # an H100
-    topp_split.num_sms = topk_split.num_sms = lambda device: 132
+    topk_split.num_sms = lambda device: 132
     b, hkv, g, n, d = 2, 8, 4, 131072, 128
     bf = torch.bfloat16
     q, k = torch.randn(b, hkv * g, d, dtype=bf), torch.randn(b, hkv, n, d, dtype=bf)
@@ -104,15 +103,9 @@ def main() -> int:
     logits = torch.randn(b, hkv * g, m)
     ops.topp_select(logits, idx, cnt, 0.9, span=span, sink=4, window=64, impl=t)
     ops.topp_select(logits, idx, cnt, 0.9, torch.zeros(b, hkv, m, dtype=torch.bool), impl=t)
-    many = 8 * b  # more query-head rows than SMs: the one-program-per-row top-p kernels
-    ops.topp_select(torch.randn(many, hkv * g, m), idx[:1].expand(many, hkv, m),
-                    cnt[:1].expand(many, hkv), 0.9, span=KeySpan.full(many, n), sink=4,
-                    window=64, impl=t)
-    est, st = ops.int4_scores(q, codes, sc, sc, idx, cnt, 0.1, stats=True, impl=t)
-    ops.topp_select(est, idx, cnt, 0.9, span=span, sink=4, window=64, stats=st, impl=t)
-    est, st = ops.int4_scores_range(q, codes, sc, sc, span, 0.1, stats=True, impl=t)
-    ops.topp_select_range(est, span, hkv, 0.9, sink=4, window=64, stats=st, impl=t)
-    ops.topp_threshold(torch.rand(4, 4099), 0.9, impl=t)
+    for kw in ({"indices": idx, "counts": cnt}, {}):  # the hot path: index list, range
+        est = ops.int4_estimates(q, codes, sc, sc, 0.1, span=span, impl=t, **kw)
+        ops.topp_select_estimates(est, 0.9, sink=4, window=64, impl=t)
     ops.gathered_scores(q, k, idx, cnt, 0.1, impl=t)
     for dtype in (bf, torch.float16, torch.float32):
         ops.sparse_attention(q.to(dtype), k.to(dtype), k.to(dtype), idx, cnt, 0.1, impl=t)

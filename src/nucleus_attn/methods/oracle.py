@@ -106,7 +106,7 @@ def select_topp(q: Tensor, k: Tensor, state: None, span: KeySpan, cfg: OracleTop
     idx, cnt = ops.mask_to_indices(valid_positions(span, hkv))
     logits = exact_logits(q, k, span, scale).gather(-1, idx.repeat_interleave(hq // hkv, dim=1))
     forced = span.forced(idx, cfg.sink, cfg.window) if cfg.sink or cfg.window else None
-    kept, kcnt = ops.topp_select(logits, idx, cnt, cfg.p, forced)
+    kept, kcnt = ops.topp_nucleus(logits, idx, cnt, cfg.p, forced)
     return Selection(kept, kcnt, cnt)
 
 

@@ -279,20 +279,17 @@ def select(q: Tensor, k: Tensor, state: TwilightState, span: KeySpan, cfg: Twili
     budget = resolve_budget(cfg.base_budget, n)
     keys = state.keys
     if cfg.base == "dense" or budget >= n:  # every valid key is a candidate: no index list
-        est, stats = ops.int4_scores_range(q, keys.codes, keys.scale, keys.zero, span, scale,
-                                           stats=True)
-        kept, kcnt = ops.topp_select_range(est, span, hkv, cfg.p, sink=cfg.sink,
-                                           window=cfg.window, stats=stats)
+        est = ops.int4_estimates(q, keys.codes, keys.scale, keys.zero, scale, span=span)
+        kept, kcnt = ops.topp_select_estimates(est, cfg.p, sink=cfg.sink, window=cfg.window)
         return Selection(kept, kcnt, span.lengths[:, None].expand(-1, hkv))
     if cfg.base == "cluster":
         cand, ccnt = cluster_candidates(q, state.clusters, span, n, budget, cfg.sink,
                                         cfg.window, scale, state.cluster_bound)
     else:
         cand, ccnt = select_pages(q, state.pages, span, budget, cfg.sink, cfg.window, scale)
-    est, stats = ops.int4_scores(q, keys.codes, keys.scale, keys.zero, cand, ccnt, scale,
-                                 stats=True)
-    kept, kcnt = ops.topp_select(est, cand, ccnt, cfg.p, span=span, sink=cfg.sink,
-                                 window=cfg.window, stats=stats)
+    est = ops.int4_estimates(q, keys.codes, keys.scale, keys.zero, scale, span=span,
+                             indices=cand, counts=ccnt)
+    kept, kcnt = ops.topp_select_estimates(est, cfg.p, sink=cfg.sink, window=cfg.window)
     return Selection(kept, kcnt, ccnt)
 
 

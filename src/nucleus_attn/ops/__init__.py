@@ -26,7 +26,14 @@ from .pages import (
     topk_pages,
     topk_pages_uses_stats,
 )
-from .quant import dequantize_int4, int4_scores, int4_scores_range, quantize_int4
+from .quant import (
+    dequantize_int4,
+    int4_estimates,
+    int4_scores,
+    int4_scores_range,
+    quantize_int4,
+    quantize_query,
+)
 from .select import (
     compact,
     group_logsoftmax_max,
@@ -43,11 +50,11 @@ from .tactic_select import (
     tactic_cut,
 )
 from .topp import (
-    ScoreStats,
-    score_stats,
+    Estimates,
+    topp_nucleus,
     topp_select,
+    topp_select_estimates,
     topp_select_range,
-    topp_threshold,
     topp_threshold_reference,
     topp_weights,
 )
@@ -55,8 +62,8 @@ from .topp import (
 __all__ = [
     "ClusterMasses",
     "ClusterRanking",
+    "Estimates",
     "PageStats",
-    "ScoreStats",
     "append_clusters",
     "assign_nearest",
     "centroid_scores",
@@ -69,6 +76,7 @@ __all__ = [
     "gathered_scores",
     "group_logsoftmax_max",
     "indices_to_mask",
+    "int4_estimates",
     "int4_scores",
     "int4_scores_range",
     "keep_best",
@@ -81,16 +89,17 @@ __all__ = [
     "page_valid",
     "pages_to_tokens",
     "quantize_int4",
+    "quantize_query",
     "rank_clusters",
-    "score_stats",
     "sparse_attention",
     "split_outliers",
     "tactic_cut",
     "topk_pages",
     "topk_pages_uses_stats",
+    "topp_nucleus",
     "topp_select",
+    "topp_select_estimates",
     "topp_select_range",
-    "topp_threshold",
     "topp_threshold_reference",
     "topp_weights",
 ]

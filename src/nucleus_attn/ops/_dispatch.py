@@ -72,8 +72,8 @@ class LazyKernel:
     """A Triton kernel that is ``triton.jit``-ed on first launch, once per mode.
 
     ``kernel[grid](*args)`` works as for a ``triton.jit`` function. Kernels must not call
-    other kernels (a compiled kernel cannot call an interpreted one); shared code is a
-    ``tl.constexpr`` switch inside one kernel instead.
+    other kernels (a compiled kernel cannot call an interpreted one); code they share is a
+    :func:`helper`.
     """
 
     def __init__(self, fn: Callable[..., Any], do_not_specialize: tuple[str, ...] = ()) -> None:
@@ -103,6 +103,25 @@ def kernel(fn: Callable[..., Any] | None = None, *,
     if fn is None:
         return lambda f: LazyKernel(f, tuple(do_not_specialize))
     return LazyKernel(fn, tuple(do_not_specialize))
+
+
+def helper(fn: Callable[..., Any]) -> Any:
+    """Decorator: a Triton device function that kernels call (shared code, inlined).
+
+    Unlike a :func:`kernel` it is ``triton.jit``-ed when this package is imported, in the
+    mode of that moment, so ``TRITON_INTERPRET`` must be set before importing
+    ``nucleus_attn`` to run kernels interpreted (the tests' ``conftest.py`` does).
+    """
+    if not HAS_TRITON:  # pragma: no cover - installs without triton never call it
+        return fn
+    import triton
+
+    return triton.jit(fn)
+
+
+def const(x: Any) -> Any:
+    """A module constant that kernels read (Triton wants globals wrapped as constexpr)."""
+    return tl.constexpr(x) if tl is not None else x
 
 
 # --- launch helpers ----------------------------------------------------------------------

@@ -200,7 +200,7 @@ def _sparse_attention_split_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ib, stride_ih, HKV, M, D, SPLITS, qk_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, CONTIG: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, CONTIG: tl.constexpr, STAGES: tl.constexpr,
 ):
     # one program per (sequence, KV head, split): online softmax over its share of the
     # head's kept list for all the group's query heads at once (each K/V row read once);
@@ -234,23 +234,18 @@ def _sparse_attention_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    n0 = start
-    offs = n0 + tl.arange(0, BLOCK_N)
-    if CONTIG:  # noqa: SIM108 (a constexpr branch: the other side is never compiled)
-        idx = first + offs
-    else:
-        idx = tl.load(ibase + offs, mask=offs < end, other=0).to(tl.int64)
-    while n0 < end:  # (a while loop: the 3.6 interpreter cannot run range(runtime int))
+    # software-pipelined: the positions and K/V rows of the next tiles load while this
+    # tile is computed
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        offs = n0 + tl.arange(0, BLOCK_N)
         mn = offs < end
+        if CONTIG:  # noqa: SIM108 (a constexpr branch: the other side is never compiled)
+            idx = first + offs
+        else:
+            idx = tl.load(ibase + offs, mask=mn, other=0).to(tl.int64)
         mkv = mn[:, None] & md[None, :]
         kt = tl.load(kbase + idx[:, None] * stride_kn + offs_d[None, :], mask=mkv, other=0.0)
         vt = tl.load(vbase + idx[:, None] * stride_vn + offs_d[None, :], mask=mkv, other=0.0)
-        # the next tile's positions load while this tile's rows are in flight
-        offs_next = offs + BLOCK_N
-        if CONTIG:  # noqa: SIM108
-            idx = first + offs_next
-        else:
-            idx = tl.load(ibase + offs_next, mask=offs_next < end, other=0).to(tl.int64)
         if DOT_F32:
             s = tl.dot(qt, tl.trans(kt.to(tl.float32)), input_precision="ieee")
         else:
@@ -266,8 +261,6 @@ def _sparse_attention_split_kernel(
             pv = tl.dot(p.to(vt.dtype), vt)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-        offs = offs_next
-        n0 += BLOCK_N
     hq_row = row.to(tl.int64) * GROUP + g  # = b * Hq + query head
     part = hq_row * SPLITS + sp
     tl.store(o_part_ptr + part[:, None] * D + offs_d[None, :], acc,
@@ -299,9 +292,10 @@ def _sparse_attention_merge_kernel(
 
 
 # launch configuration of the split kernel (tuned on an H100 at the Llama-3-8B shape)
-BLOCK_N = 32  # kept tokens per tile (16-bit inputs, d <= 128)
+BLOCK_N = 64  # kept tokens per tile (16-bit inputs, d <= 128)
 SPLIT_WARPS = 4
-PROGRAMS_PER_SM = 16  # splits are chosen to give about this many programs per SM
+STAGES = 3  # software-pipelining depth of the tile loop
+PROGRAMS_PER_SM = 32  # splits are chosen to give about this many programs per SM
 MAX_SPLITS = 64  # partial results the merge kernel holds at once
 
 
@@ -357,7 +351,8 @@ def _split_and_merge(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, counts: Tenso
         q, k, v, idx, counts, o_part, m_part, l_part, q.stride(0), q.stride(1),
         *row_strides(k), *row_strides(v), *idx_strides, hkv, m, d, splits,
         float(scale) * LOG2E, GROUP=g, BLOCK_G=dot_block(g), BLOCK_N=block_n,
-        BLOCK_D=block_d, DOT_F32=f32, CONTIG=contig, num_warps=SPLIT_WARPS if not f32 else 8,
+        BLOCK_D=block_d, DOT_F32=f32, CONTIG=contig, STAGES=STAGES,
+        num_warps=SPLIT_WARPS if not f32 else 8,
     )
     _sparse_attention_merge_kernel[(b * hq,)](
         o_part, m_part, l_part, out, d, splits,

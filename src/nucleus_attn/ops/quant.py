@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 
 from ..span import KeySpan
-from . import topp_split
+from . import topp_binned
 from ._dispatch import (
     cdiv,
-    dot_block,
-    dot_in_f32,
+    const,
+    helper,
+    interpreting,
     kernel,
     last_dim_dense,
     next_pow2,
@@ -24,7 +25,7 @@ from ._dispatch import (
     tl,
     use_triton,
 )
-from .topp import ScoreStats, score_stats
+from .topp import Estimates, chunk_maxima, slot_major
 
 LEVELS = 15  # 4 bits: codes 0..15
 INV_LEVELS = 1.0 / LEVELS  # a multiplication, not a division: torch divides a CUDA tensor
@@ -154,11 +155,48 @@ def dequantize_int4(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return zero.float()[..., None] + scale.float()[..., None] * code
 
 
-# --- estimated scores over a candidate set -----------------------------------------------
+# --- estimated scores ----------------------------------------------------------------------
+#
+# The estimate of a logit is q.k^ with k^ = zero + scale * code, computed as
+#   est = zero * sum(q) + scale * sq * (q~ . code)
+# where q~ = round(q / sq) holds the query in int8 (sq = max|q| / 127 per query head), so
+# that q~ . code is an exact integer dot product on int8 tensor cores. Quantizing the query
+# adds an error about 20 times smaller than the 4-bit keys' own. The estimate is then
+# rounded to float16: the top-p passes read 2 bytes per logit instead of 4.
 
-INT4_BLOCK_M = 128  # candidates per tile (tuned on an H100 at the Llama-3-8B shape)
+INT4_BLOCK_M = 64  # candidates per tile of the estimates kernel (H200: 64 beat 128 and 256)
 INT4_WARPS = 4
-INT4_RANGE_TILES = 4  # tiles per program in range mode: its ScoreStats chunk is 4 tiles
+INT4_STAGES = 3  # software-pipelining depth of its tile loop
+F16_MAX = 65504.0
+
+
+INV_Q = 1.0 / 127.0  # the step of the int8 query is max|q| times this (a multiplication: the
+# same bits on every device, where a division by a Python scalar is not)
+
+
+def quantize_query(q: Tensor) -> tuple[Tensor, Tensor]:
+    """The int8 query of the estimate: ``q~ [B, Hq, d]`` (float32 holding integers in
+    [-127, 127]) and ``sq [B, Hq]`` with ``q ~= sq * q~``."""
+    qf = q.float()
+    amax = qf.abs().amax(-1)
+    sq = torch.where(amax > 0, amax * INV_Q, torch.ones_like(amax))
+    return torch.round(qf / sq[..., None]).clamp_(-127, 127), sq
+
+
+def _estimate(q: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, sm_scale: float) -> Tensor:
+    """``[B, Hkv, G, N']`` float32 estimates (float16 values) of q against int4 rows
+    ``codes [B, Hkv, N', d/2]`` with their ``scale``/``zero [B, Hkv, N']``."""
+    b, hq, d = q.shape
+    hkv = codes.shape[1]
+    qi, sq = quantize_query(q)
+    qsum = q.float().sum(-1)
+    code = torch.stack(((codes & 0xF).float(), (codes >> 4).float()), dim=-1).flatten(-2)
+    dot = torch.einsum("bhgd,bhnd->bhgn", qi.view(b, hkv, hq // hkv, d), code)  # exact
+    qs = (qsum * sm_scale).view(b, hkv, -1, 1)
+    sqs = (sq * sm_scale).view(b, hkv, -1, 1)
+    est = zero.float()[:, :, None, :] * qs + scale.float()[:, :, None, :] * (dot * sqs)
+    return est.clamp(-F16_MAX, F16_MAX).half().float()
+
 
 def int4_scores_reference(
     q: Tensor,
@@ -169,7 +207,7 @@ def int4_scores_reference(
     counts: Tensor,
     sm_scale: float,
 ) -> Tensor:
-    """Estimated logits ``sm_scale * q . K^`` over each KV head's candidate positions.
+    """Estimated logits of each KV head's candidate positions (see the section comment).
 
     Parameters
     ----------
@@ -187,164 +225,251 @@ def int4_scores_reference(
     Returns
     -------
     Tensor
-        ``[B, Hq, M]`` float32; ``-inf`` past ``counts``.
+        ``[B, Hq, M]`` float32 holding float16 values; ``-inf`` past ``counts``.
     """
-    b, hq, d = q.shape
+    b, hq, _ = q.shape
     hkv, m = indices.shape[1], indices.shape[2]
     # reads per KV head: M * (d/2 + 2 * sizeof(scale)) bytes, once for the whole group
-    idx = indices[..., None].expand(b, hkv, m, d // 2)
-    kq = dequantize_int4(
-        codes.gather(2, idx), scale.gather(2, indices), zero.gather(2, indices)
-    )
-    qg = q.float().view(b, hkv, hq // hkv, d)
-    s = torch.einsum("bhgd,bhmd->bhgm", qg, kq) * sm_scale
+    idx = indices[..., None].expand(b, hkv, m, codes.shape[-1])
+    s = _estimate(q, codes.gather(2, idx), scale.gather(2, indices), zero.gather(2, indices),
+                  sm_scale)
     live = (torch.arange(m, device=q.device) < counts[..., None])[:, :, None]
     return torch.where(live, s, torch.full_like(s, float("-inf"))).view(b, hq, m)
 
 
-@kernel(do_not_specialize=("CS", "WS_N"))
-def _int4_scores_kernel(
-    q_ptr, codes_ptr, scale_ptr, zero_ptr, idx_ptr, counts_ptr, starts_ptr, ends_ptr, out_ptr,
-    smax_ptr, ssum_ptr, ws_ptr,
-    stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_sb, stride_sh,
-    stride_ib, stride_ih, HKV, M, D2, CS, WS_N, sm_scale,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D2: tl.constexpr, TILES: tl.constexpr, DOT_F32: tl.constexpr, RANGE: tl.constexpr,
-    STATS: tl.constexpr, ZB: tl.constexpr,
-):
-    # one program per (sequence, KV head, TILES * BLOCK_M candidates): each candidate's codes
-    # are read once and scored for the whole query group with two small matrix products,
-    #   q . k^ = zero * sum(q) + scale * (q_even . code_lo + q_odd . code_hi)
-    # RANGE: candidate j is position j, live inside the sequence's span (no index list).
-    # STATS: also the program's max and sum of exp per query head (one ScoreStats chunk),
-    # and a share of the top-p kernel's workspace zeroed
-    bh = tl.program_id(0)
-    ct = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
-    if RANGE:
-        start = tl.load(starts_ptr + b)
-        end = tl.load(ends_ptr + b)
+def int4_scores_range_reference(
+    q: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, span: KeySpan, sm_scale: float
+) -> Tensor:
+    """Estimated logits at every position of the cache.
+
+    The range form of :func:`int4_scores_reference`: no candidate index list, the
+    candidates are the valid positions of ``span``. Returns ``[B, Hq, N]`` float32 over
+    cache positions (slot j is position j), ``-inf`` outside the span.
+    """
+    b, hq, _ = q.shape
+    n = codes.shape[2]
+    # reads per KV head: N * (d/2 + 2 * sizeof(scale)) bytes, once for the whole group
+    s = _estimate(q, codes, scale, zero, sm_scale)
+    valid = span.valid_mask()[:, None, None, :]
+    return torch.where(valid, s, torch.full_like(s, float("-inf"))).reshape(b, hq, n)
+
+
+@helper
+def _round_even(x, LIBDEVICE: tl.constexpr):
+    """Round half to even, as torch.round (libdevice's rint; the interpreter has none)."""
+    if LIBDEVICE:
+        r = libdevice.rint(x)
     else:
-        cnt = tl.load(counts_ptr + bh)
-    j = tl.arange(0, BLOCK_D2)
-    mj = j < D2
-    g = tl.arange(0, BLOCK_G)
-    mg = g < GROUP
-    qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * GROUP + g)[:, None] * stride_qh
-    mq = mg[:, None] & mj[None, :]
-    q_ev = tl.load(qrow + 2 * j[None, :], mask=mq, other=0.0)
-    q_od = tl.load(qrow + 2 * j[None, :] + 1, mask=mq, other=0.0)
-    if DOT_F32:
-        q_ev = q_ev.to(tl.float32)
-        q_od = q_od.to(tl.float32)
-    qsum = tl.sum(q_ev.to(tl.float32) + q_od.to(tl.float32), axis=1)
+        f = tl.floor(x)
+        d = x - f
+        odd = (f - 2.0 * tl.floor(0.5 * f)) == 1.0
+        r = f + ((d > 0.5) | ((d == 0.5) & odd)).to(tl.float32)
+    return r
+
+
+@helper
+def _unpack_nibbles(codes, ASM: tl.constexpr):
+    """Low and high nibbles of uint8 codes as int8 (on a GPU four bytes at a time)."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="and.b32 $0, $2, 0x0F0F0F0F;\n shr.u32 $1, $2, 4;\n and.b32 $1, $1, 0x0F0F0F0F;",
+            constraints="=r,=r,r", args=[codes], dtype=(tl.int8, tl.int8), is_pure=True,
+            pack=4)
+    else:  # the interpreter runs no PTX
+        lo = (codes & 15).to(tl.int8)
+        hi = (codes >> 4).to(tl.int8)
+    return lo, hi
+
+
+@kernel(do_not_specialize=("M", "C", "WS_N"))
+def _int4_estimates_kernel(
+    q_ptr, codes_ptr, scale_ptr, zero_ptr, idx_ptr, counts_ptr, starts_ptr, ends_ptr, out_ptr,
+    cmax_ptr, ws_ptr,
+    stride_qb, stride_qh, stride_cb, stride_ch, stride_cn, stride_sb, stride_sh,
+    stride_ib, stride_ih, HKV, M, C, WS_N, sm_scale,
+    D2: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BT: tl.constexpr,
+    BD2: tl.constexpr, TILES: tl.constexpr, RANGE: tl.constexpr, ASM: tl.constexpr,
+    ZB: tl.constexpr,
+):
+    # one program per (sequence x KV head row, chunk of TILES * BT candidates): the codes of
+    # a tile ([BT, d/2] bytes) times the group's int8 query ([d/2, G], even and odd
+    # channels) on int8 tensor cores, then scale and zero per candidate; writes float16
+    # logits slot-major ([M, G] per row), the chunk's maximum per head, and zeroes a share
+    # of the top-p passes' workspace. Per-element offsets are int32 from a per-tile base.
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    b = row // HKV
+    h = row % HKV
+    j = tl.arange(0, BD2)
+    mj = j < D2  # (all true, folded away, when d/2 is a power of two)
+    g = tl.arange(0, BG)
+    mg = g < G
+    qrow = q_ptr + b.to(tl.int64) * stride_qb + (h * G + g)[None, :] * stride_qh
+    mq = mj[:, None] & mg[None, :]
+    qe = tl.load(qrow + 2 * j[:, None], mask=mq, other=0.0).to(tl.float32)
+    qo = tl.load(qrow + 2 * j[:, None] + 1, mask=mq, other=0.0).to(tl.float32)
+    qs = tl.sum(qe + qo, axis=0) * sm_scale
+    amax = tl.maximum(tl.max(tl.abs(qe), axis=0), tl.max(tl.abs(qo), axis=0))
+    sq = tl.where(amax > 0, amax * INV_Q_, 1.0)
+    qi_e = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(qe, sq[None, :] + 0.0 * qe), ASM),
+                                 -127.0), 127.0).to(tl.int8)
+    qi_o = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(qo, sq[None, :] + 0.0 * qo), ASM),
+                                 -127.0), 127.0).to(tl.int8)
+    sqs = sq * sm_scale
+    if RANGE:
+        start = tl.load(starts_ptr + b).to(tl.int32)
+        end = tl.load(ends_ptr + b).to(tl.int32)
+    else:
+        cnt = tl.load(counts_ptr + row).to(tl.int32)
     cbase = codes_ptr + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
-    hq = HKV * GROUP
-    smx = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    sse = tl.zeros([BLOCK_G], tl.float32)
-    for t in tl.static_range(TILES):
-        slot = (ct * TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
-        if RANGE:
-            live = (slot >= start) & (slot < end) & (slot < M)
-            idx = slot.to(tl.int64)
+    sbase = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+    obase = out_ptr + row.to(tl.int64) * M * G
+    ibase = idx_ptr + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih
+    r = tl.arange(0, BT)
+    mx = tl.full([BT, BG], float("-inf"), tl.float32)
+    for t in tl.range(0, TILES):
+        first = (c * TILES + t) * BT
+        slot = first + r
+        inm = slot < M
+        if RANGE:  # positions are the slots: offsets from the tile's first row
+            live = inm & (slot >= start) & (slot < end)
+            crow = cbase + first.to(tl.int64) * stride_cn
+            srow = sbase + first
+            pos = r
         else:
             live = slot < cnt
-            idx = tl.load(idx_ptr + b.to(tl.int64) * stride_ib + h * stride_ih + slot, mask=live,
-                          other=0).to(tl.int64)
-        codes = tl.load(cbase + idx[:, None] * stride_cn + j[None, :],
+            crow = cbase
+            srow = sbase
+            pos = tl.load(ibase + slot, mask=live, other=0).to(tl.int32)
+        codes = tl.load(crow + pos[:, None] * stride_cn + j[None, :],
                         mask=live[:, None] & mj[None, :], other=0)
-        c_lo = codes & 15
-        c_hi = codes >> 4
-        if DOT_F32:
-            acc = tl.dot(q_ev, tl.trans(c_lo.to(tl.float32)), input_precision="ieee")
-            acc = tl.dot(q_od, tl.trans(c_hi.to(tl.float32)), acc, input_precision="ieee")
-        else:  # codes 0..15 are exact in 16-bit floats; products accumulate in float32
-            acc = tl.dot(q_ev, tl.trans(c_lo.to(q_ev.dtype)))
-            acc = tl.dot(q_od, tl.trans(c_hi.to(q_od.dtype)), acc)
-        sbase = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + idx
-        sc = tl.load(scale_ptr + sbase, mask=live, other=0.0).to(tl.float32)
-        ze = tl.load(zero_ptr + sbase, mask=live, other=0.0).to(tl.float32)
-        s = (ze[None, :] * qsum[:, None] + sc[None, :] * acc) * sm_scale
-        s = tl.where(live[None, :], s, float("-inf"))
-        out = out_ptr + (b.to(tl.int64) * hq + h * GROUP + g[:, None]) * M + slot[None, :]
-        tl.store(out, s, mask=mg[:, None] & (slot < M)[None, :])
-        if STATS:
-            new = tl.maximum(smx, tl.max(s, axis=1))
-            ref = tl.where(new > float("-inf"), new, 0.0)
-            sse = sse * tl.exp(smx - ref) + tl.sum(tl.exp(s - ref[:, None]), axis=1)
-            smx = new
-    if STATS:
-        srow = (b.to(tl.int64) * hq + h * GROUP + g) * CS + ct
-        tl.store(smax_ptr + srow, smx, mask=mg)
-        tl.store(ssum_ptr + srow, sse, mask=mg)
+        lo, hi = _unpack_nibbles(codes, ASM)
+        if ASM:
+            acc = tl.dot(lo, qi_e, out_dtype=tl.int32)
+            acc = tl.dot(hi, qi_o, acc, out_dtype=tl.int32).to(tl.float32)
+        else:  # the interpreter: exact in float32 (|acc| < 2**24)
+            acc = tl.dot(lo.to(tl.float32), qi_e.to(tl.float32), input_precision="ieee")
+            acc = tl.dot(hi.to(tl.float32), qi_o.to(tl.float32), acc, input_precision="ieee")
+        sc = tl.load(scale_ptr + srow + pos, mask=live, other=0.0).to(tl.float32)
+        ze = tl.load(zero_ptr + srow + pos, mask=live, other=0.0).to(tl.float32)
+        s = ze[:, None] * qs[None, :] + sc[:, None] * (acc * sqs[None, :])
+        s = tl.minimum(tl.maximum(s, -F16_MAX_), F16_MAX_).to(tl.float16)
+        s = tl.where(live[:, None], s, float("-inf"))
+        tl.store(obase + first * G + (r[:, None] * G + g[None, :]), s,
+                 mask=inm[:, None] & mg[None, :])
+        mx = tl.maximum(mx, s.to(tl.float32))
+    tl.store(cmax_ptr + (row.to(tl.int64) * C + c) * G + g, tl.max(mx, axis=0), mask=mg)
+    if WS_N > 0:  # zero a share of the consumer's workspace
         step = tl.num_programs(0) * tl.num_programs(1) * ZB
-        i = (ct * tl.num_programs(0) + bh) * ZB
+        i = (c * tl.num_programs(0) + row) * ZB
         while i < WS_N:
             zz = i + tl.arange(0, ZB)
-            tl.store(ws_ptr + zz, tl.zeros([ZB], tl.int32), mask=zz < WS_N)
+            tl.store(ws_ptr + zz, tl.zeros([ZB], tl.int64), mask=zz < WS_N)
             i += step
 
 
-def _int4_launch(q: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, indices: Tensor | None,
-                 counts: Tensor | None, span: KeySpan | None, m: int, sm_scale: float,
-                 stats: bool) -> Tensor | tuple[Tensor, ScoreStats]:
-    """The int4 scores kernel over an index list (``indices``/``counts``) or, with
+F16_MAX_, INV_Q_ = const(F16_MAX), const(INV_Q)
+
+if tl is not None:  # libdevice math (the interpreter runs numpy's instead)
+    from triton.language.extra import libdevice
+else:  # pragma: no cover
+    libdevice = None
+
+
+def _estimates_launch(q: Tensor, codes: Tensor, scale: Tensor, zero: Tensor,
+                      indices: Tensor | None, counts: Tensor | None, span: KeySpan, m: int,
+                      sm_scale: float) -> Estimates:
+    """The estimates kernel over an index list (``indices``/``counts``) or, with
     ``indices=None``, over the positions ``[0, m)`` live inside ``span``."""
     q, codes = last_dim_dense(q), last_dim_dense(codes)
     if scale.stride() != zero.stride():
         scale, zero = scale.contiguous(), zero.contiguous()
     b, hq, d = q.shape
     hkv = codes.shape[1]
-    dev = q.device
-    out = torch.empty(b, hq, m, dtype=torch.float32, device=dev)
-    if m == 0:
-        return (out, score_stats(out)) if stats else out
     g = hq // hkv
-    block_d2 = max(16, next_pow2(d // 2))
-    block_m = max(16, min(INT4_BLOCK_M, 8192 // block_d2, next_pow2(m)))
+    dev = q.device
+    block_t = max(16, min(INT4_BLOCK_M, next_pow2(m)))
+    tiles = max(1, topp_binned.CHUNK // block_t) if m > block_t else 1
+    c = cdiv(m, block_t * tiles)
+    out = torch.empty(b, hkv, m, g, dtype=torch.float16, device=dev)
+    cmax = torch.empty(b, hkv, c, g, dtype=torch.float32, device=dev)
+    ws = torch.empty(topp_binned.workspace_numel(b * hkv, g), dtype=torch.int64, device=dev)
     rng = indices is None
-    tiles = max(1, min(INT4_RANGE_TILES, cdiv(m, block_m))) if rng else 1
-    cs = cdiv(m, block_m * tiles)
     if rng:
         idx, cnt, istr = span.starts, span.starts, (0, 0)
-        starts, ends = span.starts, span.ends
     else:
         idx, cnt = last_dim_dense(indices), counts.contiguous()
         istr = (idx.stride(0), idx.stride(1))
-        starts = ends = cnt
-    if stats:
-        smax = torch.empty(b, hq, cs, dtype=torch.float32, device=dev)
-        ssum = torch.empty_like(smax)
-        ws = torch.empty(topp_split.workspace_numel(b * hkv, g), dtype=torch.int32,
-                         device=dev)
+    if m > 0:
+        _int4_estimates_kernel[(b * hkv, c)](
+            q, codes, scale, zero, idx, cnt, span.starts, span.ends, out, cmax, ws,
+            q.stride(0), q.stride(1), *row_strides(codes), scale.stride(0), scale.stride(1),
+            *istr, hkv, m, c, ws.numel(), float(sm_scale),
+            D2=d // 2, G=g, BG=next_pow2(g), BT=block_t, BD2=max(32, next_pow2(d // 2)),
+            TILES=tiles, RANGE=rng,
+            ASM=not interpreting(), ZB=256, num_warps=INT4_WARPS, num_stages=INT4_STAGES,
+        )
     else:
-        smax = ssum = out
-        ws = cnt
-    _int4_scores_kernel[(b * hkv, cs)](
-        q, codes, scale, zero, idx, cnt, starts, ends, out, smax, ssum, ws,
-        q.stride(0), q.stride(1), *row_strides(codes), scale.stride(0), scale.stride(1),
-        *istr, hkv, m, d // 2, cs, ws.numel() if stats else 0, float(sm_scale),
-        GROUP=g, BLOCK_G=dot_block(g), BLOCK_M=block_m, BLOCK_D2=block_d2, TILES=tiles,
-        DOT_F32=dot_in_f32(q), RANGE=rng, STATS=stats, ZB=256, num_warps=INT4_WARPS,
-    )
-    if not stats:
-        return out
-    return out, ScoreStats(block_m * tiles, smax, ssum, workspace=ws)
+        ws.zero_()
+    return Estimates(out, cmax, span, indices, counts, workspace=ws)
 
 
-def int4_scores_triton(
+def _check_int4(q: Tensor, codes: Tensor) -> None:
+    if codes.shape[-1] * 2 != q.shape[-1]:
+        raise ValueError(f"codes hold d/2={codes.shape[-1]} bytes a key but q has "
+                         f"d={q.shape[-1]}; quantize the keys of this cache")
+
+
+def int4_estimates(
     q: Tensor,
     codes: Tensor,
     scale: Tensor,
     zero: Tensor,
-    indices: Tensor,
-    counts: Tensor,
     sm_scale: float,
-) -> Tensor:
-    """Triton version of :func:`int4_scores_reference` (same contract)."""
-    return _int4_launch(q, codes, scale, zero, indices, counts, None, indices.shape[2],
-                        sm_scale, False)
+    *,
+    span: KeySpan,
+    indices: Tensor | None = None,
+    counts: Tensor | None = None,
+    impl: str = "auto",
+) -> Estimates:
+    """Estimated logits of each KV head's candidates, slot-major for the top-p kernels.
+
+    The candidates are ``indices [B, Hkv, M]`` (first ``counts [B, Hkv]`` live) or, with
+    ``indices=None``, every valid position of ``span`` (slot j is position j). Returns
+    :class:`~nucleus_attn.ops.topp.Estimates` (values as :func:`int4_scores_reference`
+    gives them) for :func:`~nucleus_attn.ops.topp_select_estimates`.
+
+    Examples
+    --------
+    >>> k = torch.randn(1, 2, 100, 64)
+    >>> codes, sc, ze = quantize_int4(k)
+    >>> est = int4_estimates(torch.randn(1, 8, 64), codes, sc, ze, 0.125,
+    ...                      span=KeySpan.full(1, 100))
+    >>> est.values.shape, est.values.dtype
+    (torch.Size([1, 2, 100, 4]), torch.float16)
+    """
+    _check_int4(q, codes)
+    if indices is None:
+        if span.n > codes.shape[2] or span.starts.shape[0] != q.shape[0]:
+            raise ValueError(f"the span ({span.starts.shape[0]} sequences of N={span.n}) does "
+                             f"not fit the int4 keys {tuple(codes.shape)} and q "
+                             f"{tuple(q.shape)}")
+        n = span.n
+        codes, scale, zero = codes[:, :, :n], scale[:, :, :n], zero[:, :, :n]
+        m = n
+    else:
+        m = indices.shape[2]
+    if use_triton(impl, q, codes):
+        return _estimates_launch(q, codes, scale, zero, indices, counts, span, m, sm_scale)
+    b, hq, _ = q.shape
+    hkv = codes.shape[1]
+    if indices is None:
+        est = int4_scores_range_reference(q, codes, scale, zero, span, sm_scale)
+    else:
+        est = int4_scores_reference(q, codes, scale, zero, indices, counts, sm_scale)
+    x = slot_major(est, hkv).half()
+    out = Estimates(x.contiguous(), torch.zeros(0), span, indices, counts)
+    return Estimates(out.values, chunk_maxima(out.values, out.live()), span, indices, counts)
 
 
 def int4_scores(
@@ -356,42 +481,16 @@ def int4_scores(
     counts: Tensor,
     sm_scale: float,
     *,
-    stats: bool = False,
     impl: str = "auto",
-) -> Tensor | tuple[Tensor, ScoreStats]:
-    """Estimated candidate logits; see :func:`int4_scores_reference` for the contract.
-
-    With ``stats=True`` also returns the logits' per-chunk softmax statistics
-    (:class:`nucleus_attn.ops.topp.ScoreStats`), for :func:`nucleus_attn.ops.topp_select`.
-    """
-    if codes.shape[-1] * 2 != q.shape[-1]:
-        raise ValueError(f"codes hold d/2={codes.shape[-1]} bytes a key but q has "
-                         f"d={q.shape[-1]}; quantize the keys of this cache")
-    if use_triton(impl, q, codes, indices):
-        return _int4_launch(q, codes, scale, zero, indices, counts, None, indices.shape[2],
-                            sm_scale, stats)
-    out = int4_scores_reference(q, codes, scale, zero, indices, counts, sm_scale)
-    return (out, score_stats(out)) if stats else out
-
-
-# --- estimated scores over every valid position ------------------------------------------
-
-def int4_scores_range_reference(
-    q: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, span: KeySpan, sm_scale: float
 ) -> Tensor:
-    """Estimated logits ``sm_scale * q . K^`` at every position of the cache.
-
-    The range form of :func:`int4_scores_reference`: no candidate index list, the
-    candidates are the valid positions of ``span``. Returns ``[B, Hq, N]`` float32 over
-    cache positions (slot j is position j), ``-inf`` outside the span.
-    """
-    b, hq, d = q.shape
-    hkv, n = codes.shape[1], codes.shape[2]
-    # reads per KV head: N * (d/2 + 2 * sizeof(scale)) bytes, once for the whole group
-    kq = dequantize_int4(codes, scale, zero)
-    s = torch.einsum("bhgd,bhnd->bhgn", q.float().view(b, hkv, hq // hkv, d), kq) * sm_scale
-    valid = span.valid_mask()[:, None, None, :]
-    return torch.where(valid, s, torch.full_like(s, float("-inf"))).reshape(b, hq, n)
+    """Estimated candidate logits ``[B, Hq, M]`` float32; see :func:`int4_scores_reference`
+    for the contract (Twilight's hot path uses :func:`int4_estimates`)."""
+    _check_int4(q, codes)
+    if use_triton(impl, q, codes, indices):
+        span = KeySpan.full(q.shape[0], codes.shape[2], q.device)
+        return _estimates_launch(q, codes, scale, zero, indices, counts, span,
+                                 indices.shape[2], sm_scale).head_major()
+    return int4_scores_reference(q, codes, scale, zero, indices, counts, sm_scale)
 
 
 def int4_scores_range(
@@ -402,23 +501,14 @@ def int4_scores_range(
     span: KeySpan,
     sm_scale: float,
     *,
-    stats: bool = False,
     impl: str = "auto",
-) -> Tensor | tuple[Tensor, ScoreStats]:
-    """Estimated logits of every valid position; see :func:`int4_scores_range_reference`.
-
-    With ``stats=True`` also returns their per-chunk softmax statistics, for
-    :func:`nucleus_attn.ops.topp_select_range`.
-    """
-    if codes.shape[-1] * 2 != q.shape[-1]:
-        raise ValueError(f"codes hold d/2={codes.shape[-1]} bytes a key but q has "
-                         f"d={q.shape[-1]}; quantize the keys of this cache")
-    if span.n > codes.shape[2] or span.starts.shape[0] != q.shape[0]:
-        raise ValueError(f"the span ({span.starts.shape[0]} sequences of N={span.n}) does not "
-                         f"fit the int4 keys {tuple(codes.shape)} and q {tuple(q.shape)}")
-    n = span.n
-    codes, scale, zero = codes[:, :, :n], scale[:, :, :n], zero[:, :, :n]
+) -> Tensor:
+    """Estimated logits ``[B, Hq, N]`` of every valid position; see
+    :func:`int4_scores_range_reference`."""
     if use_triton(impl, q, codes):
-        return _int4_launch(q, codes, scale, zero, None, None, span, n, sm_scale, stats)
-    out = int4_scores_range_reference(q, codes, scale, zero, span, sm_scale)
-    return (out, score_stats(out)) if stats else out
+        return int4_estimates(q, codes, scale, zero, sm_scale, span=span,
+                              impl=impl).head_major()
+    _check_int4(q, codes)
+    n = span.n
+    return int4_scores_range_reference(q, codes[:, :, :n], scale[:, :, :n], zero[:, :, :n],
+                                       span, sm_scale)
