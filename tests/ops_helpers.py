@@ -246,8 +246,31 @@ def check_quantize_int4(device: str, b: int, h: int, n: int, d: int, dtype: torc
             + 1e-6).all()
 
 
+def int4_error_bound(q: torch.Tensor, deq: torch.Tensor, zero: torch.Tensor,
+                     sm: float) -> torch.Tensor:
+    """``[B, Hq, N]`` bound of |estimate - sm * q . k^| (float64) for int4 keys ``deq``
+    with their ``zero`` ``[B, Hkv, N]``: the query's int8 rounding (half a step per
+    channel, times ``k^ - zero = scale * code``; the zero term uses the exact query), the
+    float16 rounding of the estimate and float32 slack."""
+    b, hq, d = q.shape
+    hkv = deq.shape[1]
+    grp = hq // hkv
+    _, sq = ops.quantize_query(q)
+    steps = (deq.double() - zero.double()[..., None]).abs()  # scale * code
+    qerr = (sq.double() / 2)[..., None].view(b, hkv, grp, 1).expand(b, hkv, grp, d)
+    bound = torch.einsum("bhgd,bhnd->bhgn", qerr, steps) * sm
+    qg = q.double().view(b, hkv, grp, d)
+    exact = torch.einsum("bhgd,bhnd->bhgn", qg, deq.double()) * sm
+    kmax = deq.double().abs().max().item()
+    f32 = 64 * d * EPS[torch.float32] * (q.double().abs().max().item() * kmax) * sm
+    return (bound + exact.abs() * 2.0**-10 + f32 + 1e-6).reshape(b, hq, -1)
+
+
 def check_int4_scores(device: str, b: int, hkv: int, group: int, n: int, m: int, d: int,
                       dtype: torch.dtype, seed: int) -> None:
+    """Estimated logits over an index list: the kernel equals the reference (float16
+    values, a one-ulp rounding difference allowed on a few), and both are within the
+    query's int8 rounding of the float64 product with the dequantized keys."""
     g = gen(seed)
     k = randn((b, hkv, n, d), g, dtype, device)
     q = randn((b, hkv * group, d), g, dtype, device)
@@ -257,198 +280,177 @@ def check_int4_scores(device: str, b: int, hkv: int, group: int, n: int, m: int,
     with poisoned_empty():
         got = ops.int4_scores(q, codes, scale, zero, idx, cnt, sm, impl="triton")
     ref = ops.int4_scores(q, codes, scale, zero, idx, cnt, sm, impl="torch")
+    _check_estimates(got, ref)
     deq = ops.dequantize_int4(codes, scale, zero).double()
-    ref64 = ops.gathered_scores(q.double(), deq, idx, cnt, sm, impl="torch")
-    tol = 8 * d * EPS[torch.float32] * (q.double().abs().max() * deq.abs().max()).item() * sm
-    for r, what in ((ref, "reference"), (ref64, "float64")):
-        assert torch.equal(got.isinf(), r.isinf()) and not got.isnan().any(), what
-        fin = torch.isfinite(r)
-        err = (got[fin].double() - r[fin].double()).abs().max().item() if fin.any() else 0.0
-        assert err <= tol + 1e-6, f"int4 scores vs {what}: {err:.3g} > {tol:.3g}"
+    gathered = deq.gather(2, idx[..., None].expand(b, hkv, m, d))
+    bound = int4_error_bound(q, gathered, zero.gather(2, idx), sm)
+    exact = ops.gathered_scores(q.double(), deq, idx, cnt, sm, impl="torch")
+    fin = torch.isfinite(ref)
+    assert ((got.double() - exact).abs()[fin] <= bound[fin]).all(), "estimate vs float64"
 
 
-def check_int4_stats(device: str, b: int, hkv: int, group: int, n: int, m: int | None, d: int,
-                     dtype: torch.dtype, seed: int) -> None:
-    """int4_scores(stats=True) (index list, or range mode with ``m=None``): the logits equal
-    the plain call's, the statistics equal the reference ones of those logits over the same
-    chunks, the top-p workspace comes zeroed. Range mode also against its reference."""
+def _check_estimates(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Same -inf pattern, no NaN, float16 values equal but for a one-ulp rounding on at
+    most 2 in 100 of them (float32 rounding of the two terms before the float16 one)."""
+    assert torch.equal(got.isinf(), ref.isinf()) and not got.isnan().any()
+    fin = torch.isfinite(ref)
+    g64, r64 = got[fin].double(), ref[fin].double()
+    assert torch.equal(g64.half().double(), g64), "estimates are not float16 values"
+    big = torch.maximum(g64.abs(), r64.abs()).clamp(min=2.0**-14)
+    ulp = torch.exp2(torch.floor(torch.log2(big)) - 10)  # float16 spacing there
+    # near 0 the float32 cancellation of the two terms outweighs the float16 rounding
+    tol = torch.maximum(ulp, 1e-5 * r64.abs().max())
+    diff = (g64 - r64).abs()
+    assert (diff <= tol).all(), f"estimates differ by more than an ulp: {diff.max()}"
+    assert (diff > 0).float().mean().item() <= 0.02, "too many estimates differ"
+
+
+def check_int4_estimates(device: str, b: int, hkv: int, group: int, n: int, m: int | None,
+                         d: int, dtype: torch.dtype, seed: int) -> None:
+    """The hot path's estimates (index list, or range mode with ``m=None``): values as the
+    reference gives them, chunk maxima of those values, a zeroed workspace handed over."""
     g = gen(seed)
     k = randn((b, hkv, n, d), g, dtype, device)
     q = randn((b, hkv * group, d), g, dtype, device, scale=2.0)
     codes, scale, zero = ops.quantize_int4(k, impl="torch")
     sm = 1 / math.sqrt(d)
     if m is None:
-        span = random_span(b, n, g, device, True)
-        with poisoned_empty():
-            got, st = ops.int4_scores_range(q, codes, scale, zero, span, sm, stats=True,
-                                            impl="triton")
-        ref = ops.int4_scores_range(q, codes, scale, zero, span, sm, impl="torch")
-        assert torch.equal(got.isinf(), ref.isinf()) and not got.isnan().any()
-        fin = torch.isfinite(ref)
-        tol = 8 * d * EPS[torch.float32] * (q.double().abs().max() * 15).item() * sm
-        assert (got[fin].double() - ref[fin].double()).abs().max().item() <= tol + 1e-5
+        kw: dict = {"span": random_span(b, n, g, device, True)}
     else:
         idx, cnt = random_indices(b, hkv, n, m, g, device)
-        with poisoned_empty():
-            got, st = ops.int4_scores(q, codes, scale, zero, idx, cnt, sm, stats=True,
-                                      impl="triton")
-        assert torch.equal(got, ops.int4_scores(q, codes, scale, zero, idx, cnt, sm,
-                                                impl="triton")), "stats changed the logits"
-    ref_st = ops.score_stats(got, st.chunk)
-    assert torch.equal(st.max, ref_st.max), "chunk maxima differ"
-    torch.testing.assert_close(st.sumexp, ref_st.sumexp, rtol=2e-5, atol=1e-6)
-    ws = st.take_workspace(st.workspace.numel())
+        kw = {"span": KeySpan.full(b, n, device), "indices": idx, "counts": cnt}
+    with poisoned_empty():
+        est = ops.int4_estimates(q, codes, scale, zero, sm, impl="triton", **kw)
+    ref = ops.int4_estimates(q, codes, scale, zero, sm, impl="torch", **kw)
+    assert est.values.dtype == torch.float16 and est.values.shape == ref.values.shape
+    _check_estimates(est.head_major(), ref.head_major())
+    from nucleus_attn.ops.topp import chunk_maxima
+
+    assert torch.equal(est.chunk_max, chunk_maxima(est.values, est.live())), "chunk maxima"
+    from nucleus_attn.ops import topp_binned
+
+    ws = est.take_workspace(topp_binned.workspace_numel(b * hkv, group))
     assert ws is not None and not ws.any(), "the handed-over workspace is not zeroed"
 
 
 # --- top-p -------------------------------------------------------------------------------
 
-def _mass_ok(w: torch.Tensor, t: torch.Tensor, p: float) -> torch.Tensor:
-    """Per row: keeping ``w >= t`` reaches p of the mass and keeping ``w > t`` does not,
-    both up to float32 summation rounding (the documented tolerance of the kernel)."""
-    w64 = w.double()
-    total = w64.sum(-1)
-    slack = 4 * w.shape[-1] * EPS[torch.float32] * total
-    ge = torch.where(w >= t[:, None], w64, 0).sum(-1)
-    gt = torch.where(w > t[:, None], w64, 0).sum(-1)
-    return (ge >= p * total - slack) & (gt <= p * total + slack)
-
-
-def check_topp_threshold(device: str, rows: int, m: int, p: float, seed: int) -> None:
-    g = gen(seed)
-    w = (torch.rand(rows, m, generator=g) ** 6).to(device)
-    w[:, 0] = 1.0
-    with poisoned_empty():
-        got = ops.topp_threshold(w, p, impl="triton")
-    ref = ops.topp_threshold(w, p, impl="torch")
-    # both must be valid thresholds up to summation rounding; they differ only where the
-    # crossing lies within that rounding (at p=1 the tail below float32 resolution: always)
-    assert _mass_ok(w, got, p).all() and _mass_ok(w, ref, p).all()
-    if p < 1.0:
-        assert (got == ref).float().mean() >= 0.9, "thresholds differ on too many rows"
-    assert (w >= got[:, None]).any(-1).all()
-
-
-def check_topp_select(device: str, b: int, hkv: int, group: int, m: int, p: float,
-                      forced_kind: str, seed: int) -> None:
-    g = gen(seed)
-    n = m + 37
-    idx, cnt = random_indices(b, hkv, n, m, g, device)
-    idx = torch.sort(idx, -1).values
-    logits = torch.randn(b, hkv * group, m, generator=g).to(device) * 3
-    live = torch.arange(m, device=device) < cnt.repeat_interleave(group, 1)[..., None]
-    logits = torch.where(live, logits, torch.full_like(logits, float("-inf")))
-    kw: dict = {}
-    forced = None
-    if forced_kind == "mask":
-        forced = (torch.rand(b, hkv, m, generator=g) < 0.02).to(device)
-    elif forced_kind == "span":
-        kw = {"span": random_span(b, n, g, device, True), "sink": 4, "window": 16}
-    with poisoned_empty():
-        kept, kcnt = ops.topp_select(logits, idx, cnt, p, forced, impl="triton", **kw)
-    rkept, rcnt = ops.topp_select(logits, idx, cnt, p, forced, impl="torch", **kw)
-    mask = ops.indices_to_mask(kept, kcnt, n)
-    rmask = ops.indices_to_mask(rkept, rcnt, n)
-    assert (kcnt >= 1).all() and (kcnt <= cnt).all()
-    # the live part is ascending in candidate order (the candidates are sorted) and the
-    # padding after it is 0
-    pos = torch.arange(m, device=device)
-    pad = pos >= kcnt[..., None]
-    assert (kept[pad] == 0).all(), "padding after the kept positions is not 0"
-    livek = torch.where(pad, torch.full_like(kept, n), kept)
-    assert (livek[..., 1:] >= livek[..., :-1]).all(), "kept positions are not in order"
-    if torch.equal(mask, rmask):
-        assert torch.equal(kept, rkept) and torch.equal(kcnt, rcnt)
-        return
-    # a difference must come from float32 rounding at a threshold: each query head's
-    # kept mass (float64) still reaches p up to that rounding
-    w64 = torch.softmax(logits.double(), -1)
-    kept_cand = mask.gather(-1, idx).repeat_interleave(group, 1)
-    assert ((w64 * kept_cand).sum(-1) >= p - 1e-4).all()
-    assert (mask ^ rmask).sum().item() <= max(2, b * hkv // 4), "kept sets differ widely"
-
-
 def topp_logits(b: int, hq: int, m: int, kind: str, g: torch.Generator) -> torch.Tensor:
-    """``[B, Hq, M]`` logits of one of the awkward kinds the top-p kernels are tested on."""
+    """``[B, Hq, M]`` logits of one of the awkward kinds the top-p rule is tested on."""
     x = torch.randn(b, hq, m, generator=g) * 3
-    if kind == "ties":  # a few distinct values: many weights tie at the threshold
+    if kind == "peaked":  # the benchmark's: a few per cent of the tokens hold the nucleus
+        x = torch.randn(b, hq, m, generator=g) * 6
+    elif kind == "ties":  # a few distinct values: many weights tie at the threshold
         x = torch.round(x * 2) / 2
     elif kind == "sink":  # a few heavy items hold most of the mass
         x[..., :4] += 15
-    elif kind == "flat":  # the nucleus is most of the row
-        x = torch.rand(b, hq, m, generator=g) * 0.5
+    elif kind == "flat":  # the nucleus is most of the row, weights almost equal
+        x = torch.randn(b, hq, m, generator=g) * 0.01
+    elif kind == "sea":  # one dominant sink over a flat sea of light tokens
+        x = torch.randn(b, hq, m, generator=g) * 0.1 - 6
+        x[..., 0] = 0.0
+    elif kind == "planted":  # a few heavy keys planted in Gaussian noise
+        x = torch.randn(b, hq, m, generator=g)
+        x = x + 8 * (torch.rand(b, hq, m, generator=g) < 0.005)
+    elif kind == "laplace":  # heavy tails (Laplace, scale 2)
+        u = torch.rand(b, hq, m, generator=g) - 0.5
+        x = -2.0 * torch.sign(u) * torch.log1p(-2 * u.abs())
     elif kind == "neginf":  # one query head sees no finite logit
         x[0, 0] = float("-inf")
     return x
 
 
-def check_topp_split(device: str, b: int, hkv: int, group: int, m: int, p: float, kind: str,
-                     seed: int, range_mode: bool = False, forced_kind: str = "none",
-                     with_stats: bool = False) -> None:
-    """The top-p kernel (whichever path the row length selects) against the reference on
-    logits of ``kind``, in index-list or range mode, optionally with the producer's stats
-    (and workspace) handed over: same kept sets up to float32 summation rounding at a
-    threshold, ascending positions, zeros after the count; twice the same result."""
+def check_topp_contract(logits: torch.Tensor, live: torch.Tensor, positions: torch.Tensor,
+                        kept: torch.Tensor, kcnt: torch.Tensor, p: float, n_pos: int,
+                        forced: torch.Tensor | None = None) -> None:
+    """The binned rule's contract against the exact (sort-based) nucleus, in float64: per
+    query head the kept candidates hold at least p of the mass; per KV head the kept set
+    has at most 2% more tokens than the union of the exact nuclei and the forced tokens,
+    plus 16. ``live``/``positions``/``forced`` are ``[B, Hkv, M]`` over ``logits [B, Hq, M]``."""
+    b, hq, m = logits.shape
+    hkv = live.shape[1]
+    grp = hq // hkv
+    x = torch.where(live.repeat_interleave(grp, 1), logits.double(),
+                    torch.full((), float("-inf"), dtype=torch.float64))
+    finite = torch.isfinite(x).any(-1)
+    w = torch.softmax(torch.where(finite[..., None], x, torch.zeros_like(x)), -1)
+    w = torch.where(torch.isfinite(x), w, torch.zeros_like(w))
+    mask = ops.indices_to_mask(kept, kcnt, n_pos)
+    kept_slot = mask.gather(-1, positions) & live
+    mass = (w * kept_slot.repeat_interleave(grp, 1)).sum(-1)
+    assert (mass[finite] >= p * (1 - 1e-5)).all(), f"a head keeps {mass[finite].min():.6f} < p"
+    # the exact nucleus per query head: sorted weights, the shortest prefix reaching p
+    # (ties at the threshold weight included)
+    ws, order = torch.sort(w, -1, descending=True)
+    csum = torch.cumsum(ws, -1)
+    cut = (csum < p * csum[..., -1:] * (1 - 1e-12)).sum(-1, keepdim=True)
+    thr = ws.gather(-1, cut.clamp(max=m - 1))
+    nucleus = (w >= thr) & (w > 0) & finite[..., None]
+    nucleus |= ~finite[..., None]  # a head with no finite logit keeps every candidate
+    union = nucleus.view(b, hkv, grp, m).any(2) & live
+    if forced is not None:
+        union = union | (forced & live)
+    extra = kept_slot.sum(-1) - union.sum(-1)
+    limit = 0.02 * union.sum(-1) + 16
+    assert (extra <= limit).all(), f"kept {extra.max().item()} tokens over the nucleus"
+
+
+def check_topp_select(device: str, b: int, hkv: int, group: int, m: int, p: float, kind: str,
+                      seed: int, range_mode: bool = False, forced_kind: str = "none") -> None:
+    """The binned top-p kernels (index list or range mode) against the reference on logits
+    of ``kind``: the same kept sets (a difference only from float32 rounding at a bin edge:
+    a few tokens), positions ascending, twice the same result, and both meet the contract
+    against the exact nucleus."""
     g = gen(seed)
     hq = hkv * group
     logits = topp_logits(b, hq, m, kind, g).to(device)
-    kw: dict = {}
     forced = None
+    kw: dict = {}
     if range_mode:
         span = random_span(b, m, g, device, True)
-        live_q = span.valid_mask()[:, None, :].expand(b, hq, m)
+        live = span.valid_mask()[:, None, :].expand(b, hkv, m)
+        positions = torch.arange(m, device=device).expand(b, hkv, m)
+        n_pos = m
         kw = {"sink": 3, "window": 7}
+        sw = span.forced(positions, 3, 7)
     else:
-        n = m + 37
-        idx, cnt = random_indices(b, hkv, n, m, g, device)
+        n_pos = m + 37
+        idx, cnt = random_indices(b, hkv, n_pos, m, g, device)
         idx = torch.sort(idx, -1).values
-        live_q = torch.arange(m, device=device) < cnt.repeat_interleave(group, 1)[..., None]
+        live = torch.arange(m, device=device) < cnt[..., None]
+        positions = idx
+        sw = None
         if forced_kind == "mask":
             forced = (torch.rand(b, hkv, m, generator=g) < 0.02).to(device)
         elif forced_kind == "span":
-            kw = {"span": random_span(b, n, g, device, True), "sink": 4, "window": 16}
-    logits = torch.where(live_q, logits, torch.full_like(logits, float("-inf")))
-    stats = None
-    if with_stats:  # as a producer hands them over: chunk stats and a zeroed workspace
-        st = ops.score_stats(logits, 128)
-        from nucleus_attn.ops import topp_split
+            span = random_span(b, n_pos, g, device, True)
+            kw = {"span": span, "sink": 4, "window": 16}
+            sw = span.forced(idx, 4, 16)
 
-        ws = torch.zeros(topp_split.workspace_numel(b * hkv, group), dtype=torch.int32,
-                         device=device)
-        stats = ops.ScoreStats(st.chunk, st.max, st.sumexp, workspace=ws)
-
-    def run(impl: str, stats=None):
+    def run(impl: str):
         if range_mode:
-            return ops.topp_select_range(logits, span, hkv, p, stats=stats, impl=impl, **kw)
-        return ops.topp_select(logits, idx, cnt, p, forced, stats=stats, impl=impl, **kw)
+            return ops.topp_select_range(logits, span, hkv, p, impl=impl, **kw)
+        return ops.topp_select(logits, idx, cnt, p, forced, impl=impl, **kw)
 
     with poisoned_empty():
-        kept, kcnt = run("triton", stats)
+        kept, kcnt = run("triton")
     again, acnt = run("triton")
-    assert torch.equal(kept, again) and torch.equal(kcnt, acnt), "not deterministic"
+    assert torch.equal(kcnt, acnt), "not deterministic"
     rkept, rcnt = run("torch")
-    n_pos = m if range_mode else m + 37
     mask = ops.indices_to_mask(kept, kcnt, n_pos)
     rmask = ops.indices_to_mask(rkept, rcnt, n_pos)
-    pos = torch.arange(m, device=device)
-    pad = pos >= kcnt[..., None]
-    assert (kept[pad] == 0).all(), "padding after the kept positions is not 0"
-    rising = (kept[..., 1:] > kept[..., :-1]) | pad[..., 1:]
-    assert rising.all(), "kept positions are not ascending"
-    if torch.equal(mask, rmask):
-        assert torch.equal(kept, rkept) and torch.equal(kcnt, rcnt)
-        return
-    # differences only where a kept mass meets the target within float32 summation
-    # rounding: every query head's kept mass (float64) still reaches p, and the items the
-    # two paths disagree on weigh no more than that rounding (4 M eps of the row's mass)
-    cand = pos.expand(b, hkv, m) if range_mode else idx
-    kept_cand = mask.gather(-1, cand).repeat_interleave(group, 1)
-    ref_cand = rmask.gather(-1, cand).repeat_interleave(group, 1)
-    w64 = torch.softmax(logits.double(), -1).nan_to_num(0.0)
-    has = torch.isfinite(logits).any(-1)
-    assert ((w64 * kept_cand).sum(-1)[has] >= p - 1e-4).all(), "a head keeps less than p"
-    differ = (w64 * (kept_cand ^ ref_cand)).sum(-1)
-    assert differ.max().item() <= 4 * m * EPS[torch.float32] + 1e-6, "kept sets differ widely"
+    assert torch.equal(mask, ops.indices_to_mask(again, acnt, n_pos)), "not deterministic"
+    slot = torch.arange(m, device=device)
+    live_k = slot < kcnt[..., None]
+    big = torch.full_like(kept, n_pos + 1)
+    ordered = torch.where(live_k, kept, big)
+    assert (ordered[..., 1:] > ordered[..., :-1])[live_k[..., 1:]].all(), "not ascending"
+    assert (mask.gather(-1, positions) <= live).all() and (kcnt <= live.sum(-1)).all()
+    differ = (mask ^ rmask).sum(-1)
+    assert (differ <= 2 + rcnt // 200).all(), f"kept sets differ by {differ.max().item()}"
+    forced_all = forced if sw is None else (sw if forced is None else forced | sw)
+    for k_, c_ in ((kept, kcnt), (rkept, rcnt)):
+        check_topp_contract(logits, live, positions, k_, c_, p, n_pos, forced_all)
 
 
 # --- attention ---------------------------------------------------------------------------

@@ -211,8 +211,8 @@ def test_warmup_compiles_every_kernel_a_request_uses(monkeypatch):
         assert handle.summary()["sparse_kept_fraction"] < 1.0
         short = launches(lambda: handle.warmup(prompt_tokens=n, new_tokens=2))
     assert info["runs"][0]["prompt_tokens"] == n and info["seconds"] > 0
-    assert {"_page_scores_kernel", "_int4_scores_kernel", "_topp_threshold_kernel",
-            "_sparse_attention_split_kernel"} <= {x.kernel for x in request}
+    assert {"_page_scores_kernel", "_int4_estimates_kernel", "_level1_kernel",
+            "_write_kernel", "_sparse_attention_split_kernel"} <= {x.kernel for x in request}
     seen = {(x.kernel, x.key) for x in warm}
     missing = {(x.kernel, x.site) for x in request if (x.kernel, x.key) not in seen}
     assert not missing, f"compiled during the request after warm-up: {sorted(missing)}"

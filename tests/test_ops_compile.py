@@ -21,8 +21,9 @@ def test_kernels_compile_for_sm90():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert len(lines) >= 20, res.stdout
-    for name in ("_page_minmax_kernel", "_topk_pages_kernel", "_int4_scores_kernel",
-                 "_topp_threshold_kernel", "_topp_keep_kernel", "_sparse_attention_split_kernel",
-                 "_assign_nearest_kernel", "_cluster_tokens_kernel", "_topp_split_kernel",
-                 "_topk_split_kernel"):
+    for name in ("_page_minmax_kernel", "_topk_pages_kernel", "_int4_estimates_kernel",
+                 "_scale_kernel", "_level1_kernel", "_cross1_kernel", "_level2_kernel",
+                 "_cross2_kernel", "_keep_kernel", "_write_kernel",
+                 "_sparse_attention_split_kernel", "_assign_nearest_kernel",
+                 "_cluster_tokens_kernel", "_topk_split_kernel"):
         assert any(line.startswith(name) for line in lines), f"{name} was not compiled"

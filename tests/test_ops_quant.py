@@ -1,5 +1,6 @@
 """int4 key kernels (quantization and its append, estimated scores over candidates)
-against their torch references and float64, in Triton's interpreter."""
+against their torch references and float64, in Triton's interpreter (the hot path's
+slot-major estimates: ``test_ops_topp.py``)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,3 @@ def test_quantize_int4(n, d, dtype, sliced):
                                                     (4, 300, 100, 256)])
 def test_int4_scores(dtype, group, n, m, d):
     check_int4_scores("cpu", 2, 2, group, n, m, d, dtype, seed=n + group)
-
-
-@pytest.mark.parametrize(("group", "n", "m", "d", "dtype"), [
-    (1, 17, 17, 64, torch.float32), (4, 1000, 300, 64, torch.bfloat16),
-    (3, 700, None, 128, torch.bfloat16), (8, 4099, None, 64, torch.float16)])
-def test_int4_scores_stats(group, n, m, d, dtype):
-    # m=None: range mode (every valid position a candidate, no index list)
-    from ops_helpers import check_int4_stats
-
-    check_int4_stats("cpu", 2, 2, group, n, m, d, dtype, seed=n + group)

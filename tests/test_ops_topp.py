@@ -1,169 +1,142 @@
-"""Top-p kernels (threshold bisection, union over the GQA group, forced items, compaction)
-against their torch references and float64, in Triton's interpreter.
+"""Top-p selection: the binned rule's Triton kernels against its torch reference (Triton's
+interpreter), the rule's contract against the exact sort-based nucleus on awkward
+distributions, and the exact nucleus (the oracle) itself.
 
-The kernel bisects over the same float32 bit patterns as the reference for the same 32
-steps; its sums are added in another order, so where a candidate mass equals the target
-to within float32 rounding the two may settle on neighbouring weights. The checks accept
-exactly that: equal results, or results whose kept mass (float64) reaches p and whose
-threshold is valid to within the summation rounding.
+The kernels and the reference run the same rule; they can differ only where a weight
+falls within float32 rounding of a bin edge, so the checks allow a few tokens of
+difference and require both to meet the contract (``ops_helpers.check_topp_contract``):
+per query head at least p of the mass, per KV head at most 2% more tokens than the union
+of the exact nuclei (and forced tokens) plus 16.
 """
 
 from __future__ import annotations
 
 import pytest
-from ops_helpers import check_topp_select, check_topp_threshold, interpreter
+import torch
+from ops_helpers import (
+    check_int4_estimates,
+    check_topp_contract,
+    check_topp_select,
+    gen,
+    interpreter,
+    random_indices,
+    random_span,
+    topp_logits,
+)
 
-from nucleus_attn.ops import topp
+from nucleus_attn import ops
 
-pytestmark = pytest.mark.usefixtures(interpreter.__name__)
-
-
-@pytest.mark.parametrize("p", [0.5, 0.9, 0.999, 1.0])
-@pytest.mark.parametrize("m", [1, 17, 1000, 4099])
-def test_topp_threshold(p, m):
-    check_topp_threshold("cpu", 3, m, p, seed=m)
-
-
-@pytest.mark.parametrize("p", [0.3, 0.9, 0.99])
-@pytest.mark.parametrize(("hkv", "group", "m"), [(1, 1, 1), (2, 3, 17), (1, 4, 1000),
-                                                 (1, 8, 4099), (2, 1, 300)])
-@pytest.mark.parametrize("forced", ["none", "mask", "span"])
-def test_topp_select(p, hkv, group, m, forced):
-    check_topp_select("cpu", 2, hkv, group, m, p, forced, seed=m + group)
+KINDS = ["randn", "peaked", "ties", "sink", "flat", "sea", "planted", "laplace"]
 
 
-@pytest.mark.parametrize("forced", ["none", "span"])
-@pytest.mark.parametrize("p", [0.3, 0.999])
-def test_topp_select_streaming_rows(monkeypatch, forced, p):
-    # rows of several chunks, and rows with more survivors than SURVIVORS slots (streamed
-    # once per bisection step instead)
-    monkeypatch.setattr(topp, "CHUNK", 128)
-    monkeypatch.setattr(topp, "SURVIVORS", 64)
-    check_topp_select("cpu", 2, 1, 2, 1000, p, forced, seed=11)
-
-
-@pytest.mark.parametrize(("hkv", "group", "n"), [(1, 1, 17), (2, 3, 300), (1, 8, 1000)])
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_range_mode_equals_index_list(hkv, group, n, impl):
-    # range mode (every valid position a candidate, no index list) is the index-list path
-    # over the valid positions: same estimated logits there, same kept sets
-    import torch
-    from ops_helpers import gen, random_span
-
-    from nucleus_attn import ops
-
-    g = gen(n + group)
-    b, d = 3, 64
-    span = random_span(b, n, g, "cpu", ragged=True)
-    k = torch.randn(b, hkv, n, d, generator=g)
-    q = torch.randn(b, hkv * group, d, generator=g) * 3
-    codes, scale, zero = ops.quantize_int4(k, impl="torch")
-    est, stats = ops.int4_scores_range(q, codes, scale, zero, span, 0.125, stats=True,
-                                       impl=impl)
-    assert est.shape == (b, hkv * group, n)
-    valid = span.valid_mask()[:, None, :].expand(b, hkv * group, n)
-    assert torch.isinf(est[~valid]).all() and torch.isfinite(est[valid]).all()
-    cand, ccnt = ops.mask_to_indices(span.valid_mask()[:, None, :].expand(b, hkv, n))
-    ref = ops.int4_scores(q, codes, scale, zero, cand, ccnt, 0.125, impl="torch")
-    live = torch.arange(n) < ccnt.repeat_interleave(group, 1)[..., None]
-    got = est.gather(-1, cand.repeat_interleave(group, 1))
-    torch.testing.assert_close(got[live], ref[live], rtol=1e-5, atol=1e-5)
-    for p in (0.5, 0.9):
-        kept, kcnt = ops.topp_select_range(est, span, hkv, p, sink=2, window=5, stats=stats,
-                                           impl=impl)
-        rkept, rcnt = ops.topp_select(ref, cand, ccnt, p, span=span, sink=2, window=5,
-                                      impl="torch")
-        assert torch.equal(kcnt, rcnt)
-        assert torch.equal(ops.indices_to_mask(kept, kcnt, n), ops.indices_to_mask(rkept, rcnt, n))
-
-
-def test_score_stats_combine_to_row_softmax():
-    import torch
-
-    from nucleus_attn import ops
-
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3, 2500, generator=g) * 4
-    x[0, 1, 1000:] = float("-inf")
-    x[1, 2] = float("-inf")  # a row with no live logit
-    st = ops.score_stats(x, chunk=1000)
-    assert st.max.shape == (2, 3, 3)
-    m, z = st.row_max_total()
-    want_m = torch.where(torch.isfinite(x.amax(-1)), x.amax(-1), torch.zeros(2, 3))
-    torch.testing.assert_close(m, want_m)
-    torch.testing.assert_close(z, torch.exp(x - want_m[..., None]).sum(-1))
-
-
-# --- the split kernel (long rows: many programs per row) ---------------------------------
-
-@pytest.fixture
-def split_rows(monkeypatch):
-    """Every row takes the split kernel, in chunks of 128 (several programs per row)."""
-    from nucleus_attn.ops import topp_split
-
-    monkeypatch.setattr(topp_split, "split_wanted", lambda *args, **kwargs: True)
-    monkeypatch.setattr(topp_split, "MIN_CHUNK", 128)
-    return topp_split
-
-
+@pytest.mark.usefixtures(interpreter.__name__)
 @pytest.mark.parametrize(("hkv", "group", "m", "p", "kind", "forced"), [
     (1, 1, 1, 0.9, "randn", "none"), (2, 3, 17, 0.5, "randn", "span"),
-    (1, 4, 1000, 0.9, "ties", "mask"), (1, 8, 4099, 0.95, "randn", "span"),
-    (2, 4, 1000, 0.999, "sink", "none"), (1, 4, 1000, 0.9, "flat", "none"),
-    (2, 3, 300, 0.9, "neginf", "span")])
-def test_topp_split(split_rows, hkv, group, m, p, kind, forced):
-    from ops_helpers import check_topp_split
-
-    check_topp_split("cpu", 2, hkv, group, m, p, kind, seed=m + group, forced_kind=forced)
+    (1, 4, 1000, 0.9, "ties", "mask"), (1, 8, 3000, 0.95, "peaked", "span"),
+    (2, 4, 1000, 0.999, "sink", "none"), (1, 4, 1100, 0.9, "flat", "none"),
+    (2, 3, 300, 0.9, "neginf", "span"), (1, 1, 2100, 0.8, "planted", "mask")])
+def test_topp_select(hkv, group, m, p, kind, forced):
+    check_topp_select("cpu", 2, hkv, group, m, p, kind, seed=m + group, forced_kind=forced)
 
 
+@pytest.mark.usefixtures(interpreter.__name__)
 @pytest.mark.parametrize(("hkv", "group", "n", "p", "kind"), [
-    (1, 4, 1000, 0.9, "randn"), (2, 3, 17, 0.5, "ties"), (1, 1, 4099, 0.99, "sink")])
-def test_topp_split_range(split_rows, hkv, group, n, p, kind):
-    from ops_helpers import check_topp_split
+    (1, 4, 1000, 0.9, "randn"), (2, 3, 17, 0.5, "ties"), (1, 1, 4099, 0.99, "sink"),
+    (1, 8, 2500, 0.9, "sea")])
+def test_topp_select_range(hkv, group, n, p, kind):
+    check_topp_select("cpu", 2, hkv, group, n, p, kind, seed=n, range_mode=True)
 
-    check_topp_split("cpu", 2, hkv, group, n, p, kind, seed=n, range_mode=True)
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("p", [0.5, 0.8, 0.9, 0.95, 0.99])
+def test_binned_rule_contract(kind, p):
+    # the tolerance test: the reference rule against the sort-based nucleus, per query
+    # head and per KV head (GQA 4), on rows long enough to span many chunks
+    g = gen(hash((kind, p)) % 1000)
+    b, hkv, group, m = 1, 2, 4, 20000
+    logits = topp_logits(b, hkv * group, m, kind, g)
+    idx = torch.arange(m).expand(b, hkv, m)
+    cnt = torch.full((b, hkv), m)
+    kept, kcnt = ops.topp_select(logits, idx, cnt, p, impl="torch")
+    check_topp_contract(logits, torch.ones(b, hkv, m, dtype=torch.bool), idx, kept, kcnt, p, m)
 
 
+@pytest.mark.parametrize("kind", ["peaked", "flat", "sea", "planted"])
+def test_binned_rule_contract_at_128k(kind):
+    g = gen(7)
+    logits = topp_logits(1, 1, 131072, kind, g)
+    idx = torch.arange(131072).view(1, 1, -1)
+    kept, kcnt = ops.topp_select(logits, idx, torch.tensor([[131072]]), 0.9, impl="torch")
+    check_topp_contract(logits, torch.ones(1, 1, 131072, dtype=torch.bool), idx, kept, kcnt,
+                        0.9, 131072)
+
+
+def test_binned_rule_limits():
+    # p = 1 keeps every candidate; a head without a finite logit keeps every candidate
+    g = gen(3)
+    logits = torch.randn(2, 4, 50, generator=g)
+    logits[1, :2] = float("-inf")
+    idx, cnt = random_indices(2, 2, 80, 50, g, "cpu")
+    kept, kcnt = ops.topp_select(logits, idx, cnt, 1.0)
+    assert torch.equal(kcnt, cnt)
+    kept, kcnt = ops.topp_select(logits, idx, cnt, 0.5)
+    assert kcnt[1, 0] == cnt[1, 0] and kcnt[0, 0] < cnt[0, 0]
+    with pytest.raises(ValueError, match="p=0"):
+        ops.topp_select(logits, idx, cnt, 0.0)
+
+
+@pytest.mark.parametrize(("m", "p", "kind"), [(1, 0.9, "randn"), (17, 0.5, "ties"),
+                                              (1000, 0.9, "sink"), (4099, 0.99, "randn")])
+def test_topp_nucleus_is_the_exact_nucleus(m, p, kind):
+    # the oracle: per query head the shortest prefix of the sorted weights reaching p
+    # (ties at the threshold kept), union over the group
+    g = gen(m)
+    logits = topp_logits(2, 6, m, kind, g)
+    idx, cnt = random_indices(2, 2, m + 5, m, g, "cpu")
+    live = torch.arange(m) < cnt[..., None]
+    logits = torch.where(live.repeat_interleave(3, 1), logits, float("-inf"))
+    kept, kcnt = ops.topp_nucleus(logits, idx, cnt, p)
+    w = torch.softmax(logits.double(), -1)
+    for i in range(2):
+        for h in range(2):
+            want = set()
+            for j in range(3):
+                row = w[i, h * 3 + j]
+                srt = torch.sort(row, descending=True).values
+                k = int((torch.cumsum(srt, 0) < p * (1 - 1e-9)).sum())
+                t = srt[min(k, m - 1)].item()
+                want |= {int(idx[i, h, s]) for s in range(m) if row[s] >= t * (1 - 1e-6)}
+            got = {int(x) for x in kept[i, h, : kcnt[i, h]]}
+            assert got == want
+
+
+@pytest.mark.usefixtures(interpreter.__name__)
+@pytest.mark.parametrize(("group", "n", "m", "d", "dtype"), [
+    (1, 17, 17, 64, torch.float32), (4, 1000, 300, 64, torch.bfloat16),
+    (3, 2100, None, 128, torch.bfloat16), (8, 1100, None, 64, torch.float16)])
+def test_int4_estimates(group, n, m, d, dtype):
+    check_int4_estimates("cpu", 2, 2, group, n, m, d, dtype, seed=n + group)
+
+
+@pytest.mark.usefixtures(interpreter.__name__)
 @pytest.mark.parametrize("range_mode", [False, True])
-def test_topp_split_with_producer_stats(split_rows, range_mode):
-    # the stats and the zeroed workspace a producer hands over give the same kept sets
-    from ops_helpers import check_topp_split
-
-    check_topp_split("cpu", 2, 2, 4, 700, 0.9, "randn", seed=5, range_mode=range_mode,
-                     with_stats=True)
-
-
-def test_topp_split_tail_loops(split_rows, monkeypatch):
-    # the last programs' loops over blocks (chunks, survivors, stats) with tiny blocks, and
-    # the survivors bisected streamed from the list instead of in registers
-    from ops_helpers import check_topp_split
-
-    for name, value in (("SURVIVORS_IN_REGISTERS", 16), ("TAIL_CHUNKS", 2),
-                        ("PREFIX_CHUNKS", 2), ("UNION_BLOCK", 16), ("STATS_BLOCK", 2)):
-        monkeypatch.setattr(split_rows, name, value)
-    check_topp_split("cpu", 2, 1, 4, 1000, 0.9, "randn", seed=8, forced_kind="span")
-
-
-def test_twilight_handoff_int4_to_topp(split_rows):
-    # int4_scores(stats=True) hands its stats and zeroed workspace to topp_select, which
-    # uses the workspace once; the kept sets equal the reference path's
-    import torch
-    from ops_helpers import gen
-
-    from nucleus_attn import ops
-
+def test_twilight_handoff_estimates_to_topp(range_mode):
+    # int4_estimates hands its zeroed workspace to topp_select_estimates, which uses it
+    # once; the kept sets equal the reference path's
     g = gen(4)
-    b, hkv, group, n, d = 2, 2, 4, 800, 64
+    b, hkv, group, n, d = 2, 2, 4, 2100, 64
     k = torch.randn(b, hkv, n, d, generator=g)
     q = torch.randn(b, hkv * group, d, generator=g) * 3
     codes, scale, zero = ops.quantize_int4(k, impl="torch")
-    idx = torch.sort(torch.randperm(n, generator=g)[:600]).values.expand(b, hkv, 600).contiguous()
-    cnt = torch.tensor([[600, 411], [599, 1]])
-    est, st = ops.int4_scores(q, codes, scale, zero, idx, cnt, 0.125, stats=True, impl="triton")
-    assert st.workspace is not None
-    kept, kcnt = ops.topp_select(est, idx, cnt, 0.9, stats=st, impl="triton")
-    assert st.take_workspace(st.workspace.numel()) is None, "the workspace was not used"
-    ref = ops.int4_scores(q, codes, scale, zero, idx, cnt, 0.125, impl="torch")
-    rkept, rcnt = ops.topp_select(ref, idx, cnt, 0.9, impl="torch")
-    assert torch.equal(kcnt, rcnt) and torch.equal(kept, rkept)
+    span = random_span(b, n, g, "cpu", True)
+    kw = {}
+    if not range_mode:
+        idx = torch.sort(torch.randperm(n, generator=g)[:1500]).values.expand(b, hkv, 1500)
+        kw = {"indices": idx.contiguous(), "counts": torch.tensor([[1500, 411], [1499, 1]])}
+    est = ops.int4_estimates(q, codes, scale, zero, 0.125, span=span, impl="triton", **kw)
+    assert est.workspace is not None
+    kept, kcnt = ops.topp_select_estimates(est, 0.9, sink=3, window=5, impl="triton")
+    assert est.take_workspace(est.workspace.numel()) is None, "the workspace was not used"
+    ref = ops.int4_estimates(q, codes, scale, zero, 0.125, span=span, impl="torch", **kw)
+    rkept, rcnt = ops.topp_select_estimates(ref, 0.9, sink=3, window=5, impl="torch")
+    assert torch.equal(ops.indices_to_mask(kept, kcnt, n), ops.indices_to_mask(rkept, rcnt, n))

@@ -92,13 +92,14 @@ def test_decode_step_captures_in_a_cuda_graph(method):
     ("quest", {"budget": 0.01}), ("twilight", {"p": 0.9}),
     ("twilight", {"p": 0.9, "base": "dense"}), ("twilight", {"p": 0.95, "base_budget": 0.5})])
 def test_split_selection_captures_in_a_cuda_graph(method, params):
-    """At 64k tokens the selection runs the split kernels (top-k over 4096 pages, top-p over
-    16k-64k candidates): one decode step captured once and replayed on new queries gives
-    exactly the eager step's kept sets and output (no host sync, deterministic)."""
-    from nucleus_attn.ops import topk_split, topp_split
+    """At 64k tokens the selection runs the split kernels (top-k over 4096 pages, binned
+    top-p over 16k-64k candidates): one decode step captured once and replayed on new
+    queries gives exactly the eager step's kept sets and output (no host sync,
+    deterministic)."""
+    from nucleus_attn.ops import topk_split
 
     n, b = 65536, 2
-    assert topk_split.split_wanted(n // 16) and topp_split.split_wanted(n // 4)
+    assert topk_split.split_wanted(n // 16)
     q0, k, v = peaked_inputs(b, LLAMA3_8B, n, 8.0, 3, DEV)
     cfg = na.make_config(method, dense_below=0, **params)
     span = KeySpan.from_lengths(torch.tensor([n, n - 5000], device=DEV), n)
@@ -118,8 +119,8 @@ def test_split_selection_captures_in_a_cuda_graph(method, params):
         out, info = decode_step(q_new, k, v, cfg, state, span, scale)
         torch.cuda.synchronize()
         assert torch.equal(info_static.kept, info.kept)
-        assert torch.equal(info_static.indices, info.indices)
-        torch.testing.assert_close(out_static, out, rtol=0, atol=0)
+        assert torch.equal(info_static.kept_mask(n), info.kept_mask(n))  # (past the counts:
+        torch.testing.assert_close(out_static, out, rtol=0, atol=0)  # unspecified)
     # and the kept set is the torch reference's (float32 rounding at a threshold aside)
     import os
 

@@ -11,8 +11,8 @@ from ops_helpers import (
     check_cluster_tokens,
     check_dense_attention,
     check_gathered_scores,
+    check_int4_estimates,
     check_int4_scores,
-    check_int4_stats,
     check_page_minmax,
     check_page_scores,
     check_page_stats,
@@ -21,8 +21,6 @@ from ops_helpers import (
     check_topk_pages,
     check_topk_ties,
     check_topp_select,
-    check_topp_split,
-    check_topp_threshold,
 )
 
 DEV = "cuda"
@@ -82,43 +80,31 @@ def test_topk_pages_split_ties(levels, k_pages):
     check_topk_ties(DEV, 8, 8, 4, 131072, k_pages, levels, seed=levels)
 
 
-@pytest.mark.parametrize(("b", "n", "m"), [(8, 131072, 32800), (1, 131072, 32800),
-                                           (8, 131072, None), (1, 131072, None),
-                                           (4, 4099, None)])
-def test_int4_scores_stats(b, n, m):
-    check_int4_stats(DEV, b, 8, 4, n, m, 128, torch.bfloat16, seed=n + b)
+@pytest.mark.parametrize(("b", "n", "m"), [(8, 131072, None), (1, 131072, None),
+                                         (4, 32768, 8192), (2, 4099, 1000)])
+def test_int4_estimates(b, n, m):
+    # m=None: range mode (every valid position a candidate, no index list)
+    check_int4_estimates(DEV, b, 8, 4, n, m, 128, torch.bfloat16, seed=n + b)
 
 
-@pytest.fixture
-def split_topp(monkeypatch):
-    """Long rows take the split top-p kernel even where the row kernel would be chosen."""
-    from nucleus_attn.ops import topp_split
-
-    monkeypatch.setattr(topp_split, "split_wanted", lambda m, *a, **k: m >= 4096)
-
-
-@pytest.mark.usefixtures("split_topp")
-@pytest.mark.parametrize("kind", ["randn", "sink", "ties", "flat", "neginf"])
-@pytest.mark.parametrize(("b", "m", "p", "forced"), [
-    (8, 32800, 0.9, "span"), (1, 32800, 0.9, "span"), (8, 32800, 0.999, "mask"),
-    (8, 8192, 0.5, "none")])
-def test_topp_split(kind, b, m, p, forced):
-    check_topp_split(DEV, b, 8, 4, m, p, kind, seed=m + b, forced_kind=forced)
+@pytest.mark.parametrize(("kind", "b", "m", "p", "forced"), [
+    ("peaked", 8, 32768, 0.9, "span"), ("randn", 1, 131072, 0.9, "none"),
+    ("sea", 4, 40000, 0.95, "mask"), ("flat", 2, 70000, 0.5, "none"),
+    ("planted", 8, 32768, 0.99, "span"), ("ties", 2, 4099, 0.9, "mask")])
+def test_topp_select_index_list(kind, b, m, p, forced):
+    check_topp_select(DEV, b, 8, 4, m, p, kind, seed=m + b, forced_kind=forced)
 
 
-@pytest.mark.parametrize("kind", ["randn", "sink", "ties", "flat"])
-@pytest.mark.parametrize(("b", "n", "p"), [(8, 131072, 0.9), (1, 131072, 0.95),
-                                           (2, 65536, 0.99)])
-def test_topp_split_range(kind, b, n, p):
-    check_topp_split(DEV, b, 8, 4, n, p, kind, seed=n + b, range_mode=True)
+@pytest.mark.parametrize(("kind", "b", "n", "p"), [
+    ("peaked", 8, 131072, 0.9), ("peaked", 1, 131072, 0.95), ("sink", 2, 65536, 0.99),
+    ("laplace", 4, 32768, 0.8), ("neginf", 2, 4099, 0.9)])
+def test_topp_select_range(kind, b, n, p):
+    check_topp_select(DEV, b, 8, 4, n, p, kind, seed=n + b, range_mode=True)
 
 
-@pytest.mark.usefixtures("split_topp")
-@pytest.mark.parametrize(("group", "m"), [(1, 40000), (3, 5000), (8, 17000)])
-@pytest.mark.parametrize("range_mode", [False, True])
-def test_topp_split_gqa_and_stats(group, m, range_mode):
-    check_topp_split(DEV, 4, 2, group, m, 0.9, "randn", seed=m, range_mode=range_mode,
-                     with_stats=True)
+@pytest.mark.parametrize(("group", "m"), [(1, 4099), (3, 30001), (8, 17000)])
+def test_topp_select_gqa(group, m):
+    check_topp_select(DEV, 4, 2, group, m, 0.9, "randn", seed=m)
 
 
 @pytest.mark.parametrize(("n", "d", "dtype"), [
@@ -134,20 +120,6 @@ def test_quantize_int4(n, d, dtype, sliced):
                                                     (8, 1000, 17, 256), (1, 17, 1, 128)])
 def test_int4_scores(dtype, group, n, m, d):
     check_int4_scores(DEV, 4, 8, group, n, m, d, dtype, seed=n + group)
-
-
-@pytest.mark.parametrize("p", [0.5, 0.9])
-@pytest.mark.parametrize("m", [17, 4099, 32768, 70000])
-def test_topp_threshold(p, m):
-    check_topp_threshold(DEV, 64, m, p, seed=m)
-
-
-@pytest.mark.parametrize("p", [0.5, 0.9])
-@pytest.mark.parametrize(("hkv", "group", "m"), [(8, 4, 32768), (2, 3, 4099), (1, 8, 40000),
-                                                 (4, 1, 17)])
-@pytest.mark.parametrize("forced", ["none", "mask", "span"])
-def test_topp_select(p, hkv, group, m, forced):
-    check_topp_select(DEV, 4, hkv, group, m, p, forced, seed=m + group)
 
 
 SHAPES = [(8, 4, 32768, 8192, 128), (8, 4, 131072, 2600, 128), (2, 3, 4099, 1000, 64),

@@ -87,8 +87,8 @@ def test_graph_replays_and_reclusters_in_place_between_replays():
     graph reads, so replays match eager steps on the re-clustered state."""
     n, b = 8192, 2
     q0, k, v = peaked_inputs(b, LLAMA3_8B, n, 8.0, 3, DEV)
-    cfg = na.make_config("tactic", p=0.9, recluster_every=8)
-    ends = torch.tensor([6000, 5000], device=DEV)
+    cfg = na.make_config("tactic", p=0.9, recluster_every=8, dense_below=0)  # (the crossover
+    ends = torch.tensor([6000, 5000], device=DEV)  # would run this short cache dense)
     span = KeySpan.from_lengths(ends, n)
     state = new_state(cfg, k, span)
     state.refresh(k, span)  # a static cache after one written token (bounds the fixed list)
