@@ -29,27 +29,26 @@ import torch
 #: less). A key ``"name:field=value"`` applies to configs with that field value and comes
 #: before the plain name.
 #:
-#: h200: MEASURED per layer with ``nucleus-attn bench kernels --n 4096 32768 131072
-#: --batch 1 8 --fractions 0.01 --methods dense quest twilight tactic`` (2026-12-01,
-#: results/bench_kernels_h200.json): the smallest N of that grid where the method beat
-#: our dense decode. Quest (1%): B=1 at 32k only by 1% (1.01x: noise), so from 128k
-#: (1.98x); B=8 from 4k (1.70x). Twilight (p=0.9, Quest base): B=1 never up to 128k
-#: (0.86x there), B=8 from 32k (1.24x). Twilight with the dense or the cluster base never
-#: beat dense. Tactic (p=0.9) with the two-launch log-mass kernel, measured after that
-#: grid (results/bench_kernels_h200_128k1.json, scripts/time_tactic_lse.py): 1.16x at
-#: 128k x 1, 1.53x at 32k x 8 and 2.00x at 128k x 8; not re-measured at 32k x 1 (0.52x
-#: before the change) nor at 4k x 8 (0.48x before): entered as 131072 (B=1) and 32768
-#: (B=8). "Never up to 128k" is entered as 262144, the next length, not measured. COARSE:
-#: the grid has three lengths; re-measure on a finer grid (and after kernel changes).
+#: h200: MEASURED per layer with ``nucleus-attn bench kernels --n 8192 32768 131072 --batch 1
+#: 8 --fractions 0.01 --methods dense quest twilight tactic --profile 131072 8`` (2026-12-04,
+#: results/bench_kernels_h200.json, after the binned top-p kernels): the smallest N of that
+#: grid where the method beat our dense decode. Twilight p=0.9, dense base: 1.46x at
+#: 128k x 1 (0.82x at 32k x 1), 1.58x at 32k x 8 (0.93x at 8k x 8); Quest base: 1.05x at
+#: 128k x 1 (0.47x at 32k), 1.55x at 32k x 8 (0.80x at 8k); cluster base: never at B=1,
+#: 1.10x at 128k x 8 (0.59x at 32k); Tactic p=0.9: 1.19x at 128k x 1 (0.56x at 32k), 1.55x
+#: at 32k x 8 (0.74x at 8k); Quest 1%: 1.89x at 128k x 1 (0.98x at 32k), 2.23x already at
+#: 8k x 8 (4k x 8: 1.70x in the grid of 2026-12-01, whose 4096 entry is kept). "Never up to
+#: 128k" is entered as 262144, the next length, not measured. COARSE: the grid has three
+#: lengths, so a method that wins at 128k x 1 but lost at 32k runs dense up to 128k.
 #: Streaming's values are PROVISIONAL, from the whole-model results/bench_e2e_h200.json
 #: (faster than dense from 32k at B=1 and B=4, from 4k at B=8). Methods absent from a
 #: GPU's entry have no crossover there.
 DENSE_BELOW: dict[str, dict[str, int | dict[int, int]]] = {
     "h200": {
         "quest": {1: 131072, 8: 4096},
-        "twilight": {1: 262144, 8: 32768},
-        "twilight:base=dense": 262144,
-        "twilight:base=cluster": 262144,
+        "twilight": {1: 131072, 8: 32768},
+        "twilight:base=dense": {1: 131072, 8: 32768},
+        "twilight:base=cluster": {1: 262144, 8: 131072},
         "tactic": {1: 131072, 8: 32768},
         "streaming": {1: 32768, 8: 4096},
     },

@@ -48,6 +48,7 @@ from ..span import KeySpan
 
 SPREAD = 8.0  # logit spread of the synthetic keys: top-p 0.9 keeps ~1-4% of the tokens
 INDEX_BYTES = 8  # int64 positions
+HALF = 2  # float16 estimated logits
 #: Twilight's base selectors, one row set each (helper branches add theirs here)
 TWILIGHT_BASES = ("quest", "dense", "cluster")
 
@@ -288,19 +289,17 @@ def stage_floor_bytes(stage: str, b: int, n: int, shape: Shape, *, pages: int = 
     and the token counts the stage before it produced (summed over sequences and KV heads):
     what its time is compared against in the ``--profile`` table."""
     rows, g = b * shape.hkv, shape.hq // shape.hkv
-    logit = 4  # float32 scores and logits
+    logit = 4  # float32 page bounds
     if stage == "page_scores":  # page min/max in, one bound per page and query head out
         return rows * pages * (2 * shape.d * shape.es + g * logit)
     if stage == "topk_pages":  # the bounds in, the chosen pages' token positions out
         return rows * pages * g * logit + candidates * INDEX_BYTES
-    if stage == "int4_scores":  # codes, scale, zero and position in, one logit per head out
-        return candidates * (shape.d // 2 + 2 * shape.es + INDEX_BYTES + g * logit)
-    if stage == "int4_scores_range":
-        return rows * n * (shape.d // 2 + 2 * shape.es + g * logit)
-    if stage == "topp_select":  # the logits and positions in, the kept positions out
-        return candidates * (g * logit + INDEX_BYTES) + kept * INDEX_BYTES
-    if stage == "topp_select_range":
-        return rows * n * g * logit + kept * INDEX_BYTES
+    if stage == "int4_estimates":  # codes, scale, zero and position in, a float16 logit per
+        return candidates * (shape.d // 2 + 2 * shape.es + INDEX_BYTES + g * HALF)  # head out
+    if stage == "int4_estimates_range":
+        return rows * n * (shape.d // 2 + 2 * shape.es + g * HALF)
+    if stage == "topp_select_estimates":  # the logits read once, the kept positions written
+        return candidates * g * HALF + kept * INDEX_BYTES
     if stage == "sparse_attention":
         return kv_bytes(kept, shape)
     raise ValueError(f"unknown stage {stage!r}")
@@ -359,33 +358,24 @@ def profile_point(n: int, b: int, shape: Shape, bw: float, seed: int,
         if method == "twilight":
             keys = st.keys
             if cfg.base == "dense":
-                est, sst = stage(label, "int4_scores_range",
-                                 lambda keys=keys: ops.int4_scores_range(
-                                     q, keys.codes, keys.scale, keys.zero, span, scale,
-                                     stats=True),
-                                 stage_floor_bytes("int4_scores_range", b, n, shape))
-
-                def topp(est=est, sst=sst, cfg=cfg):
-                    return ops.topp_select_range(est, span, shape.hkv, cfg.p, sink=cfg.sink,
-                                                 window=cfg.window, stats=ops.ScoreStats(
-                                                     sst.chunk, sst.max, sst.sumexp))
-                kept, kcnt = topp()
-                stage(label, "topp_select_range", topp, stage_floor_bytes(
-                    "topp_select_range", b, n, shape, kept=tokens(kcnt)))
+                kw: dict[str, Any] = {}
+                name, est_bytes = "int4_estimates_range", stage_floor_bytes(
+                    "int4_estimates_range", b, n, shape)
             else:
-                est, sst = stage(label, "int4_scores", lambda cand=cand, ccnt=ccnt, keys=keys:
-                                 ops.int4_scores(q, keys.codes, keys.scale, keys.zero, cand,
-                                                 ccnt, scale, stats=True),
-                                 stage_floor_bytes("int4_scores", b, n, shape,
-                                                   candidates=tokens(ccnt)))
+                kw = {"indices": cand, "counts": ccnt}
+                name, est_bytes = "int4_estimates", stage_floor_bytes(
+                    "int4_estimates", b, n, shape, candidates=tokens(ccnt))
+            est = stage(label, name, lambda keys=keys, kw=kw: ops.int4_estimates(
+                q, keys.codes, keys.scale, keys.zero, scale, span=span, **kw), est_bytes)
 
-                def topp(est=est, sst=sst, cand=cand, ccnt=ccnt, cfg=cfg):
-                    return ops.topp_select(est, cand, ccnt, cfg.p, span=span, sink=cfg.sink,
-                                           window=cfg.window, stats=ops.ScoreStats(
-                                               sst.chunk, sst.max, sst.sumexp))
-                kept, kcnt = topp()
-                stage(label, "topp_select", topp, stage_floor_bytes(
-                    "topp_select", b, n, shape, candidates=tokens(ccnt), kept=tokens(kcnt)))
+            def topp(est=est, cfg=cfg):  # (a fresh workspace each call: it is used once)
+                return ops.topp_select_estimates(
+                    ops.Estimates(est.values, est.chunk_max, est.span, est.indices, est.counts),
+                    cfg.p, sink=cfg.sink, window=cfg.window)
+            kept, kcnt = topp()
+            stage(label, "topp_select_estimates", topp, stage_floor_bytes(
+                "topp_select_estimates", b, n, shape, candidates=float(est.live().sum()),
+                kept=tokens(kcnt)))
         else:
             kept, kcnt = cand, ccnt
         stage(label, "sparse_attention", lambda kept=kept, kcnt=kcnt:
