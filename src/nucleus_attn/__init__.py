@@ -8,7 +8,7 @@ Examples
 --------
 >>> import torch, nucleus_attn as na
 >>> q, k, v = torch.randn(2, 8, 64), torch.randn(2, 2, 4099, 64), torch.randn(2, 2, 4099, 64)
->>> out, info = na.sparse_decode(q, k, v, method="twilight", p=0.95)
+>>> out, info = na.sparse_decode(q, k, v, method="twilight", p=0.9)
 >>> na.methods()[:3]
 ['dense', 'oracle-topk', 'oracle-topp']
 """

@@ -20,9 +20,8 @@ from .synthetic import peaked_qkv
 
 def default_settings() -> list[str]:
     """One representative setting per registered method."""
-    picks = {"oracle-topk": "oracle-topk:budget=0.02", "oracle-topp": "oracle-topp:p=0.95",
-             "streaming": "streaming:window=0.05", "quest": "quest:budget=0.05",
-             "twilight": "twilight:p=0.95", "tactic": "tactic:p=0.95"}
+    picks = {"oracle-topk": "oracle-topk:budget=0.02", "streaming": "streaming:window=0.05",
+             "quest": "quest:budget=0.05"}  # the top-p methods at their default p
     return [picks.get(name, name) for name in methods()]
 
 

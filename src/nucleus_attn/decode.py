@@ -187,7 +187,7 @@ def sparse_decode(
     diagnostics : bool
         Also compute the exact attention mass of the kept set (``info.mass``).
     **params
-        Method parameters when ``method`` is a name (e.g. ``p=0.95``), or overrides of a
+        Method parameters when ``method`` is a name (e.g. ``p=0.8``), or overrides of a
         config's fields.
 
     Returns

@@ -21,8 +21,7 @@ from typing import Any
 DEFAULT_LENGTH = 2048
 #: Methods compared by default: dense, the naive baseline at a fixed budget, a fixed-budget
 #: selector at the same budget, and the two adaptive (top-p) methods.
-DEFAULT_METHODS = ("dense", "streaming:window=252", "quest:budget=256", "twilight:p=0.95",
-                   "tactic:p=0.9")
+DEFAULT_METHODS = ("dense", "streaming:window=252", "quest:budget=256", "twilight", "tactic")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +91,7 @@ def run_method(model: Any, tokenizer: Any, spec: str, samples: list[Any], dense_
             correct += tasks.score(sample, text)
             advance()
     s = handle.summary()
-    return Row(spec, answers, correct, s["mean_kept_fraction"], s["sparse_kept_fraction"],
+    return Row(s["spec"], answers, correct, s["mean_kept_fraction"], s["sparse_kept_fraction"],
                s["mean_mass"], seconds)
 
 

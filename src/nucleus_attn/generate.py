@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_METHOD = "twilight:p=0.95"
+#: The method ``--method`` defaults to, with its own default parameters.
+DEFAULT_METHOD = "twilight"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,11 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    from .methods import describe, make_config
+
     parser.add_argument(
         "--method", default=DEFAULT_METHOD,
         help="method and parameters as name:key=value,key=value, e.g. "
-             "twilight:p=0.9,base=quest,base_budget=512 or quest:budget=1024 "
-             f"(default {DEFAULT_METHOD}; "
+             "twilight:p=0.8,base=quest,base_budget=512 or quest:budget=1024 "
+             f"(default {describe(make_config(DEFAULT_METHOD))}; "
              "'dense' for exact attention)")
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="tokens to generate (default 128)")

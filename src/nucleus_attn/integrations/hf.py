@@ -279,7 +279,7 @@ class SparseDecodeHandle:
 
         Examples
         --------
-        >>> handle = na.enable(model, "twilight", p=0.95, compile=True)  # doctest: +SKIP
+        >>> handle = na.enable(model, "twilight", compile=True)  # doctest: +SKIP
         >>> handle.warmup(prompt_tokens=32768, new_tokens=256)  # doctest: +SKIP
         """
         import time
@@ -766,13 +766,13 @@ def enable(
     Examples
     --------
     >>> import nucleus_attn as na
-    >>> with na.enable(model, "twilight", p=0.95) as handle:  # doctest: +SKIP
+    >>> with na.enable(model, "twilight") as handle:  # doctest: +SKIP
     ...     out = model.generate(**inputs, max_new_tokens=256)
     ...     print(handle.summary()["mean_kept_fraction"])
 
     The fast path (GPU): a static cache and one CUDA graph per decode step.
 
-    >>> handle = na.enable(model, "twilight", p=0.95, compile=True)  # doctest: +SKIP
+    >>> handle = na.enable(model, "twilight", compile=True)  # doctest: +SKIP
     >>> handle.warmup(prompt_tokens=32768, new_tokens=256)  # doctest: +SKIP
     >>> out = model.generate(**inputs, max_new_tokens=256)  # doctest: +SKIP
     """

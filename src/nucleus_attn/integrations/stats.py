@@ -296,7 +296,7 @@ def format_budget(summary: dict[str, Any]) -> str:
 
     Examples
     --------
-    ``twilight:p=0.95  kept 6.1% of tokens (sparse layers 4.2%, 97 of 2301)  mass 0.981
+    ``twilight:p=0.9  kept 6.1% of tokens (sparse layers 4.2%, 97 of 2301)  mass 0.981
     over 30 layers x 8 decode rows``
     """
     if not summary.get("decode_rows"):

@@ -74,7 +74,7 @@ def describe(cfg: MethodConfig) -> str:
     --------
     >>> from nucleus_attn import Twilight
     >>> describe(Twilight(base_budget=0.5))
-    'twilight:p=0.95,base_budget=0.5'
+    'twilight:p=0.9,base_budget=0.5'
     """
     default = type(cfg)()
     knob = next((k for k in BUDGET_KNOBS if hasattr(cfg, k)), None)
