@@ -28,11 +28,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # enable() needs transformers: imported on first use, so `import nucleus_attn` does not
-    if name == "enable":
-        from .integrations.hf import enable
+    # enable() and disable() need transformers: imported on first use, so `import
+    # nucleus_attn` does not
+    if name in ("enable", "disable"):
+        from .integrations import hf
 
-        return enable
+        return getattr(hf, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -49,6 +50,7 @@ __all__ = [
     "Twilight",
     "decode_step",
     "describe",
+    "disable",
     "enable",
     "make_config",
     "methods",

@@ -74,25 +74,34 @@ def _prompt_ids(tokenizer: Any, text: str, chat: bool) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, switch the method on, generate, print the text and the budget."""
-    import torch
+    """Load the model, switch the method on, generate, print the text and the budget.
+
+    The arguments are checked first, before transformers is imported and the model loaded
+    (tens of seconds on a laptop), so that a typo is reported at once.
+    """
     from rich.console import Console
-    from transformers import TextStreamer
 
-    from .integrations import enable, format_budget, print_summary
     from .methods import parse_method
-    from .models import load_model
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # messages whole, not wrapped at 80
     try:
         cfg = parse_method(args.method)
     except (TypeError, ValueError) as exc:
-        err.print(f"[red]--method {args.method}: {exc}")
+        err.print(f"[red]--method {args.method}: {exc}", highlight=False)
         return 2
     if args.max_new_tokens < 1:
         err.print("[red]--max-new-tokens must be >= 1")
         return 2
+    if args.prompt_file is not None and not args.prompt_file.is_file():
+        err.print(f"[red]--prompt-file {args.prompt_file}: no such file", highlight=False)
+        return 2
     text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+
+    import torch
+    from transformers import TextStreamer
+
+    from .integrations import enable, format_budget, print_summary
+    from .models import load_model
 
     with err.status(f"loading {args.model or 'the bundled model'}"):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args.device))
