@@ -6,6 +6,39 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from nucleus_attn import describe, make_config
+from nucleus_attn.cli import build_parser
+
+
+@pytest.mark.parametrize("command", ["compare", "demo", "eval", "bench"])
+def test_one_documented_spelling_of_the_methods_flag(command):
+    """--methods A B everywhere; --method A (repeated) is accepted as the same flag."""
+    parse = build_parser(command).parse_args
+    head = [command, "kernels"] if command == "bench" else [command]
+    a, b = ("dense", "quest") if command == "bench" else ("dense", "quest:budget=64")
+    assert parse([*head, "--methods", a, b]).methods == [a, b]
+    assert parse([*head, "--method", a, "--method", b]).methods == [a, b]
+    assert parse(head).methods is None  # the command's own default applies
+    sub = build_parser(command)._subparsers._group_actions[0].choices[command]
+    text = sub.format_help()
+    assert "--methods" in text and "--method " not in text
+
+
+def test_generate_takes_one_method_under_either_spelling():
+    parse = build_parser("generate").parse_args
+    assert parse(["generate", "--prompt", "x", "--methods", "quest"]).method == "quest"
+    assert parse(["generate", "--prompt", "x"]).method == "twilight"
+
+
+def test_generate_help_states_the_code_default():
+    sub = build_parser("generate")._subparsers._group_actions[0].choices["generate"]
+    help_text = " ".join(sub.format_help().split())
+    default = describe(make_config("twilight"))
+    assert default == "twilight:p=0.9"
+    assert f"(default {default};" in help_text
+
 
 def test_a_bad_method_spec_is_rejected_before_transformers_is_imported():
     """`generate --method twilight:p` took 20 s (transformers' import) to say "'p' has no

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import describe, make_config, methods, parse_method, sparse_decode
+from .cliargs import add_methods_argument
 from .synthetic import peaked_qkv
 
 
@@ -54,8 +55,8 @@ def compare(settings: list[str], *, batch: int = 1, q_heads: int = 32, kv_heads:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME[:k=v,...]",
-                        help="method settings (default: one per registered method)")
+    add_methods_argument(parser, metavar="NAME[:k=v,...]",
+                         help="method settings (default: one per registered method)")
     parser.add_argument("--n", type=int, default=8192, help="context length N (default 8192)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--q-heads", type=int, default=32, help="query heads (default 32)")

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "twilight:p=0.8,base=quest,base_budget=512 or quest:budget=1024 "
              f"(default {describe(make_config(DEFAULT_METHOD))}; "
              "'dense' for exact attention)")
+    parser.add_argument("--methods", dest="method", help=argparse.SUPPRESS)  # one spelling
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="tokens to generate (default 128)")
     parser.add_argument("--dense-layers", type=int, default=2,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..cliargs import add_methods_argument
+
 TARGETS = ("kernels", "e2e", "memory", "generate", "host")
 
 
@@ -33,10 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kept fractions of the fixed-budget rows (default kernels: 0.01 "
                         "0.02 0.05 0.1; e2e: 0.01 0.02 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="rows to run (kernels: dense sparse quest twilight tactic; e2e: "
-                        "quest twilight tactic streaming; default all; the dense baselines "
-                        "always run)")
+    add_methods_argument(parser, metavar="METHOD",
+                         help="rows to run (kernels: dense sparse quest twilight tactic; e2e: "
+                         "quest twilight tactic streaming; default all; the dense baselines "
+                         "always run)")
     parser.add_argument("--steps", type=int, default=None,
                         help="e2e: timed decode steps per row (default 20); memory: tokens "
                         "generated (default 10000); generate: new tokens per generation "

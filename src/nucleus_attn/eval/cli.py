@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..cliargs import add_methods_argument
 from ..methods import MethodConfig, describe, make_config, parse_sweep
 from . import report
 from .store import RowStore
@@ -43,10 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "2048 4096 8192)")
     parser.add_argument("--samples", type=int, default=20,
                         help="samples per task and length (default 20; the study uses 100)")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_SWEEP),
-                        metavar="NAME:k=v1,v2,...",
-                        help="method sweeps; dense always runs first (default: "
-                             + " ".join(DEFAULT_SWEEP) + ")")
+    add_methods_argument(parser, metavar="NAME:k=v1,v2,...",
+                         help="method sweeps; dense always runs first (default: "
+                              + " ".join(DEFAULT_SWEEP) + ")")
     parser.add_argument("--dense-layers", type=int, default=2,
                         help="first layers kept dense (default 2)")
     parser.add_argument("--min-dense-accuracy", type=float, default=0.8,
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.tasks or list(task_lib.TASKS)
     for name in names:
         task_lib.max_new_tokens(name)  # unknown task -> ValueError listing the known ones
-    configs = _configs(args.methods)
+    configs = _configs(args.methods or list(DEFAULT_SWEEP))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     env = (f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, {dtype}, "
