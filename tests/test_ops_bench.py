@@ -53,8 +53,10 @@ def test_bench_memory_quick(tmp_path):
     assert runs[1]["state_bytes"] >= runs[1]["accounting"]["metadata_bytes"] > 0
 
 
-def test_bench_needs_a_gpu_without_quick(capsys):
+def test_bench_needs_a_gpu_without_quick(capsys, tmp_path, monkeypatch):
     if __import__("torch").cuda.is_available():
         pytest.skip("a GPU is present: the full benchmark would run")
+    monkeypatch.chdir(tmp_path)
     assert cli.main(["bench", "e2e"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # refused before making its output folder

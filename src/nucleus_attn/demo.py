@@ -162,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 1 or args.length < 64:
         console.print("[red]--samples must be >= 1 and --length >= 64")
         return 2
+    from .extras import model_needs, require
+
+    require("demo", *model_needs(args.model))
 
     start = time.perf_counter()
     with console.status(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}"):

@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"[red]--prompt-file {args.prompt_file}: no such file", highlight=False)
         return 2
     text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    from .extras import model_needs, require
+
+    require("generate", *model_needs(args.model))
 
     import torch
     from transformers import TextStreamer
