@@ -3,6 +3,7 @@ defaults, fast rejection of bad input, tables that fit a terminal."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -51,3 +52,27 @@ def test_a_bad_method_spec_is_rejected_before_transformers_is_imported():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "p has no value; write p=VALUE, e.g. twilight:p=0.9" in done.stderr
+
+
+def test_per_layer_table_fits_80_columns():
+    """`generate --per-layer` cut its columns ("190/2…") at a pipe's 80 characters."""
+    from rich.console import Console
+
+    from nucleus_attn.integrations.stats import print_summary
+
+    def layer(i: int, kind: str) -> dict:
+        return {"layer": i, "kind": kind, "mean_kept_fraction": 0.0931, "std_kept_fraction":
+                0.0412, "kept_fraction_per_head": [0.051, 0.204], "mass_per_head": [0.95, 0.91],
+                "mean_kept_tokens": 12190.0, "mean_context_tokens": 131072.0, "mean_mass": 0.953}
+
+    summary = {"spec": "twilight:p=0.9", "method": "twilight", "decode_rows": 16,
+               "per_layer": [layer(0, "dense"), layer(1, "sparse")],
+               "mean_kept_fraction": 0.5, "sparse_kept_fraction": 0.09, "mean_kept_tokens":
+               12190.0, "mean_context_tokens": 131072.0, "mean_mass": 0.95}
+    console = Console(width=80, record=True, file=io.StringIO())
+    print_summary(summary, console)
+    text = console.export_text()
+    assert "…" not in text
+    rows = [ln for ln in text.splitlines() if "12190/131072" in ln]
+    assert len(rows) == 2 and all("9.3%" in r and "0.953" in r and "0.910" in r
+                                  and "5.1%-20.4%" in r for r in rows), text

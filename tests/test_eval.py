@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from plot_helpers import saved_figures
 
 from nucleus_attn import outdir
 from nucleus_attn.cli import build_parser, main
@@ -51,6 +52,40 @@ def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     assert report.plot_accuracy(ROWS, tmp_path / "a.png").stat().st_size > 10_000
     assert report.plot_heatmaps(ROWS, tmp_path / "h.png").stat().st_size > 10_000
+
+
+def _inside(fig, artist) -> bool:
+    """Whether a drawn text lies wholly inside the figure (not cut at an edge)."""
+    box = artist.get_window_extent()
+    return box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width + 0.5 \
+        and box.y1 <= fig.bbox.height + 0.5
+
+
+def test_accuracy_plot_labels_its_x_axis_within_one_decade(tmp_path, monkeypatch):
+    """Kept fractions from 11% to 17% gave a log axis with no labelled tick at all."""
+    pytest.importorskip("matplotlib")
+    figures = saved_figures(monkeypatch)
+    rows = [ROWS[0], _row("passkey", 2048, "twilight", 0.9, 0.167),
+            _row("passkey", 2048, "quest", 0.5, 0.117, budget=128)]
+    report.plot_accuracy(rows, tmp_path / "a.png")
+    (fig,) = figures
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        labels = [t.get_text() for t, x in zip(ax.get_xticklabels(), ax.get_xticks(),
+                                               strict=True) if lo <= x <= hi and t.get_text()]
+        assert len(labels) >= 2, labels
+    assert report.log_limits([11.7, 16.7]) == (10.0, 20.0)
+    assert report.log_limits([0.9, 3.0]) == (0.5, 5.0)
+
+
+def test_heatmap_titles_fit_the_figure(tmp_path, monkeypatch):
+    """One panel made a 3.6-inch figure whose title was cut on both sides."""
+    pytest.importorskip("matplotlib")
+    figures = saved_figures(monkeypatch)
+    report.plot_heatmaps(ROWS[:4], tmp_path / "h.png")  # one panel: twilight
+    (fig,) = figures
+    titles = [fig._suptitle] + [ax.title for ax in fig.axes if ax.get_title()]
+    assert len(titles) >= 2 and all(_inside(fig, t) for t in titles)
 
 
 def test_store_resumes_and_tolerates_a_cut_last_line(tmp_path):
