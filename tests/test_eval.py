@@ -43,6 +43,19 @@ def test_means_use_the_swept_tasks_only_and_dense_comes_first():
     assert "twilight:p=0.9,base_budget=0.5" in md
 
 
+def test_labels_come_from_the_recorded_parameters():
+    """Labels stay true when a default changes; parameters a row predates are listed."""
+    import dataclasses
+
+    import nucleus_attn as na
+
+    old = _row("passkey", 2048, "twilight", 0.8, 0.05, base="quest")  # p and base only
+    assert report.label(old) == "twilight:p=0.9,base=quest"
+    assert "cluster_size" in report.unrecorded([old])["twilight"]
+    full = {**old, "params": dataclasses.asdict(na.Twilight())}
+    assert report.unrecorded([full]) == {} and report.label(full) == "twilight:p=0.9"
+
+
 def test_curves_split_by_fixed_parameters():
     assert report.curve_label("twilight:p=0.9,base_budget=0.5") == "twilight (base_budget=0.5)"
     assert report.curve_label("quest:budget=128") == "quest"

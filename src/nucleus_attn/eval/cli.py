@@ -126,6 +126,11 @@ def write_report(store: RowStore, out: Path, command: str) -> list[Path]:
           "Accuracy is % correct (greedy); kept % is the mean kept fraction of tokens over "
           "the sparse layers (first layers dense), with its spread (std) over layers and KV "
           "heads; mass is the exact softmax mass kept, mean and lowest per-head mean.", ""]
+    missing = report.unrecorded(store.rows)
+    if missing:
+        md += ["Parameters some rows do not record (added after those rows ran; their labels "
+               "say nothing of them): " + "; ".join(f"{name}: {', '.join(fields)}"
+                                                   for name, fields in missing.items()), ""]
     dropped = [r for r in store.rows if r.get("kind") == "dropped"]
     if dropped:
         md += ["Not swept (dense below the threshold): " + ", ".join(

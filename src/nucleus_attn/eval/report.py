@@ -24,11 +24,32 @@ def _mean(xs: Iterable[float]) -> float:
 
 
 def label(row: Row) -> str:
-    """The row's method setting as ``name:knob=value,...`` (budget knob always shown)."""
+    """The row's method setting as ``name:knob=value,...`` (budget knob always shown).
+
+    Built from the parameters the row recorded, against today's defaults, so a label stays
+    true when a default changes (a Twilight row run on the Quest base when it was the
+    default reads ``base=quest``). A parameter added after the row was written is not in
+    it; :func:`unrecorded` lists those for the report.
+    """
     from ..methods import describe, make_config
 
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in row["params"].items()}
     return describe(make_config(row["name"], **params))
+
+
+def unrecorded(rows: list[Row]) -> dict[str, list[str]]:
+    """Per method, the parameters that some rows do not record (they were added after those
+    rows ran; their labels show nothing for them). ``dense_below`` is left out: eval runs
+    in diagnostics mode, where the crossover does not apply."""
+    from ..methods import get_spec, parameter_names
+
+    out: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        if r.get("kind") in ("task", "perplexity"):
+            fields = parameter_names(get_spec(r["name"]).config)
+            out[r["name"]].update(f for f in fields if f not in r["params"]
+                                  and f != "dense_below")
+    return {name: sorted(fields) for name, fields in out.items() if fields}
 
 
 def task_rows(rows: list[Row]) -> list[Row]:
