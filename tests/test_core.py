@@ -159,6 +159,14 @@ def test_config_objects_and_names_agree():
     assert na.make_config("quest", budget=64) == na.Quest(budget=64)
 
 
+def test_top_p_methods_share_one_default_p():
+    """One default p (0.9, the setting the accuracy studies chose), the same in every top-p
+    method and in the label a default config gets."""
+    assert na.Twilight().p == na.OracleTopP().p == na.Tactic().p == 0.9
+    for name in ("twilight", "oracle-topp", "tactic"):
+        assert na.describe(na.make_config(name)) == f"{name}:p=0.9"
+
+
 @pytest.mark.parametrize("method", ["quest", "twilight"])
 def test_state_extend_matches_fresh_build(method):
     """Metadata built on a prefix and extended token by token equals a fresh build."""

@@ -362,6 +362,40 @@ def test_bad_dense_layers(llama):
         na.enable(llama, "quest", dense_layers=-1)
 
 
+@pytest.mark.parametrize("dense_layers", [3, 100])
+def test_dense_layers_that_leave_no_sparse_layer(llama, dense_layers):
+    """The tiny Llama has 3 layers: dense_layers >= 3 would run no layer sparse."""
+    with pytest.raises(ValueError, match=rf"dense_layers={dense_layers} keeps every one of the "
+                                         r"3 attention layers.*use dense_layers < 3"):
+        na.enable(llama, "twilight", dense_layers=dense_layers)
+    assert llama.config._attn_implementation == "sdpa"
+    na.enable(llama, "dense", dense_layers=dense_layers).disable()  # dense anyway: fine
+    na.enable(llama, "twilight", dense_layers=2).disable()
+
+
+def test_compile_on_a_cpu_model_is_refused(llama):
+    """compile=True records CUDA graphs; on a CPU transformers ran the steps uncompiled."""
+    with pytest.raises(ValueError, match=r"the model is on cpu.*needs a CUDA GPU.*drop "
+                                         r"compile="):
+        na.enable(llama, "quest", compile=True)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        na.enable(llama, "quest", compile={"mode": "max-autotune"})
+    assert llama.config._attn_implementation == "sdpa"
+    assert getattr(llama.generation_config, "cache_implementation", None) != "static"
+
+
+def test_disable_by_model_when_the_handle_is_lost(llama):
+    na.enable(llama, "quest", budget=16)  # the handle is dropped
+    with pytest.raises(ValueError, match=r"nucleus_attn.disable\(model\)"):
+        na.enable(llama, "twilight")
+    handle = na.disable(llama)
+    assert handle is not None and not handle.enabled and "quest" in repr(handle)
+    assert llama.config._attn_implementation == "sdpa"
+    assert na.disable(llama) is None  # nothing on: a no-op
+    with na.enable(llama, "twilight") as again:
+        assert repr(again) == "SparseDecodeHandle(twilight:p=0.9, dense_layers=2, enabled)"
+
+
 def test_unsupported_models():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         na.enable(torch.nn.Linear(4, 4), "quest")

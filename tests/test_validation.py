@@ -53,6 +53,48 @@ def test_mismatched_head_dim_and_batch():
         na.sparse_decode(q.long(), k, v)
 
 
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_float64_is_refused_as_the_message_says(which):
+    """The message lists float16, bfloat16 and float32: float64 must not pass silently."""
+    x = dict(zip("qkv", qkv(), strict=True))
+    x = {name: t.double() if name == which else t for name, t in x.items()}
+    with pytest.raises(TypeError, match=rf"{which} must be float16, bfloat16 or float32, got "
+                                        rf"torch.float64; cast it, e.g. {which}.float\(\)"):
+        na.sparse_decode(x["q"], x["k"], x["v"])
+
+
+def test_mixed_dtypes_are_refused():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"one dtype, got q torch.float32, k torch.float16, v "
+                                        r"torch.float16; .*q.to\(k.dtype\)"):
+        na.sparse_decode(q, k.half(), v.half(), "twilight")
+    with pytest.raises(TypeError, match="one dtype"):
+        na.sparse_decode(q.bfloat16(), k.bfloat16(), v, "quest")
+    out, _ = na.sparse_decode(q.half(), k.half(), v.half(), "quest")  # one dtype: fine
+    assert out.dtype == torch.float16
+
+
+def test_a_config_with_another_methods_parameter():
+    """sparse_decode(q, k, v, Quest(...), p=0.9) named the dataclass' __init__ before."""
+    with pytest.raises(TypeError, match=r"quest \(the QuestConfig passed as method\) has no "
+                                        r"parameter 'p'; its parameters are: budget, "):
+        na.sparse_decode(*qkv(), na.Quest(budget=8), p=0.9)
+    with pytest.raises(TypeError, match=r"quest has no parameter 'p'.*Twilight\(p=0.8\)"):
+        na.sparse_decode(*qkv(), "quest", p=0.9)
+    assert na.make_config(na.Quest(budget=8), budget=16) == na.Quest(budget=16)  # its own
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    ("twilight:p", r"p has no value; write p=VALUE, e.g. twilight:p=0.9"),
+    ("twilight:p=", r"p= has no value"),
+    ("twilight:0.9", r"'0.9' is not key=value; write twilight:key=value with a key among: p, "),
+    ("twilight:p=0.9,base", r"base has no value; write base=VALUE, e.g. twilight:base=dense"),
+])
+def test_method_spec_errors_name_the_fix(spec, match):
+    with pytest.raises(ValueError, match=match):
+        na.parse_method(spec)
+
+
 @pytest.mark.parametrize("lengths", [[0, 10], [10, 65], [-1, 3]])
 def test_lengths_out_of_range(lengths):
     with pytest.raises(ValueError, match=r"lengths must be in \[1, N=64\]"):

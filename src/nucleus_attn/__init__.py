@@ -8,7 +8,7 @@ Examples
 --------
 >>> import torch, nucleus_attn as na
 >>> q, k, v = torch.randn(2, 8, 64), torch.randn(2, 2, 4099, 64), torch.randn(2, 2, 4099, 64)
->>> out, info = na.sparse_decode(q, k, v, method="twilight", p=0.95)
+>>> out, info = na.sparse_decode(q, k, v, method="twilight", p=0.9)
 >>> na.methods()[:3]
 ['dense', 'oracle-topk', 'oracle-topp']
 """
@@ -28,11 +28,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # enable() needs transformers: imported on first use, so `import nucleus_attn` does not
-    if name == "enable":
-        from .integrations.hf import enable
+    # enable() and disable() need transformers: imported on first use, so `import
+    # nucleus_attn` does not
+    if name in ("enable", "disable"):
+        from .integrations import hf
 
-        return enable
+        return getattr(hf, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -49,6 +50,7 @@ __all__ = [
     "Twilight",
     "decode_step",
     "describe",
+    "disable",
     "enable",
     "make_config",
     "methods",

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 
 from . import describe, make_config, methods, parse_method, sparse_decode
+from .cliargs import add_methods_argument
 from .synthetic import peaked_qkv
 
 
 def default_settings() -> list[str]:
     """One representative setting per registered method."""
-    picks = {"oracle-topk": "oracle-topk:budget=0.02", "oracle-topp": "oracle-topp:p=0.95",
-             "streaming": "streaming:window=0.05", "quest": "quest:budget=0.05",
-             "twilight": "twilight:p=0.95", "tactic": "tactic:p=0.95"}
+    picks = {"oracle-topk": "oracle-topk:budget=0.02", "streaming": "streaming:window=0.05",
+             "quest": "quest:budget=0.05"}  # the top-p methods at their default p
     return [picks.get(name, name) for name in methods()]
 
 
@@ -55,8 +55,8 @@ def compare(settings: list[str], *, batch: int = 1, q_heads: int = 32, kv_heads:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME[:k=v,...]",
-                        help="method settings (default: one per registered method)")
+    add_methods_argument(parser, metavar="NAME[:k=v,...]",
+                         help="method settings (default: one per registered method)")
     parser.add_argument("--n", type=int, default=8192, help="context length N (default 8192)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--q-heads", type=int, default=32, help="query heads (default 32)")

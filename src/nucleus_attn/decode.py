@@ -111,6 +111,10 @@ def decode_step(
     return out, info
 
 
+#: The dtypes ``sparse_decode`` accepts (those of the kernels).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None) -> KeySpan:
     for name, t, dims, shape in (("q", q, 3, "(B, Hq, d)"), ("k", k, 4, "(B, Hkv, N, d)"),
                                  ("v", v, 4, "(B, Hkv, N, d)")):
@@ -118,8 +122,12 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None) -> Ke
             raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(t)}")
         if t.dim() != dims:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}; "
+                            f"cast it, e.g. {name}.float() (the kernels have no other dtype)")
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        raise TypeError(f"q, k and v must have one dtype, got q {q.dtype}, k {k.dtype}, v "
+                        f"{v.dtype}; cast them to the cache's, e.g. q.to(k.dtype)")
     b, hq, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
@@ -172,7 +180,8 @@ def sparse_decode(
     Parameters
     ----------
     q : Tensor
-        ``[B, Hq, d]`` queries of the new token.
+        ``[B, Hq, d]`` queries of the new token; float16, bfloat16 or float32, the dtype
+        of ``k`` and ``v``.
     k, v : Tensor
         ``[B, Hkv, N, d]`` the KV cache (``Hq % Hkv == 0``; GQA shares one selection per
         KV head among its query heads).
@@ -187,7 +196,7 @@ def sparse_decode(
     diagnostics : bool
         Also compute the exact attention mass of the kept set (``info.mass``).
     **params
-        Method parameters when ``method`` is a name (e.g. ``p=0.95``), or overrides of a
+        Method parameters when ``method`` is a name (e.g. ``p=0.8``), or overrides of a
         config's fields.
 
     Returns

@@ -18,11 +18,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .cliargs import add_methods_argument
+
 DEFAULT_LENGTH = 2048
 #: Methods compared by default: dense, the naive baseline at a fixed budget, a fixed-budget
 #: selector at the same budget, and the two adaptive (top-p) methods.
-DEFAULT_METHODS = ("dense", "streaming:window=252", "quest:budget=256", "twilight:p=0.95",
-                   "tactic:p=0.9")
+DEFAULT_METHODS = ("dense", "streaming:window=252", "quest:budget=256", "twilight", "tactic")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=1,
                         help="prompts per method, needles spread over depths 0.1-0.9 "
                              "(default 1: one needle in the middle)")
-    parser.add_argument("--method", action="append", dest="methods", metavar="SPEC",
-                        help="a method as name:key=value,...; repeat to compare several "
-                             f"(default: {' '.join(DEFAULT_METHODS)})")
+    add_methods_argument(parser, metavar="SPEC",
+                         help="methods as name:key=value,... (default: "
+                              f"{' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--dense-layers", type=int, default=2,
                         help="first layers kept dense (default 2)")
     parser.add_argument("--no-mass", action="store_true",
@@ -92,7 +93,7 @@ def run_method(model: Any, tokenizer: Any, spec: str, samples: list[Any], dense_
             correct += tasks.score(sample, text)
             advance()
     s = handle.summary()
-    return Row(spec, answers, correct, s["mean_kept_fraction"], s["sparse_kept_fraction"],
+    return Row(s["spec"], answers, correct, s["mean_kept_fraction"], s["sparse_kept_fraction"],
                s["mean_mass"], seconds)
 
 
@@ -156,11 +157,14 @@ def run(args: argparse.Namespace) -> int:
         try:
             parse_method(spec)
         except (TypeError, ValueError) as exc:
-            console.print(f"[red]--method {spec}: {exc}")
+            console.print(f"[red]--methods {spec}: {exc}", highlight=False)
             return 2
     if args.samples < 1 or args.length < 64:
         console.print("[red]--samples must be >= 1 and --length >= 64")
         return 2
+    from .extras import model_needs, require
+
+    require("demo", *model_needs(args.model))
 
     start = time.perf_counter()
     with console.status(f"loading {args.model or 'the bundled SmolLM2-135M-Instruct'}"):

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_METHOD = "twilight:p=0.95"
+#: The method ``--method`` defaults to, with its own default parameters.
+DEFAULT_METHOD = "twilight"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,12 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    from .methods import describe, make_config
+
     parser.add_argument(
         "--method", default=DEFAULT_METHOD,
         help="method and parameters as name:key=value,key=value, e.g. "
-             "twilight:p=0.9,base=quest,base_budget=512 or quest:budget=1024 "
-             f"(default {DEFAULT_METHOD}; "
+             "twilight:p=0.8,base=quest,base_budget=512 or quest:budget=1024 "
+             f"(default {describe(make_config(DEFAULT_METHOD))}; "
              "'dense' for exact attention)")
+    parser.add_argument("--methods", dest="method", help=argparse.SUPPRESS)  # one spelling
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="tokens to generate (default 128)")
     parser.add_argument("--dense-layers", type=int, default=2,
@@ -71,25 +75,37 @@ def _prompt_ids(tokenizer: Any, text: str, chat: bool) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, switch the method on, generate, print the text and the budget."""
-    import torch
+    """Load the model, switch the method on, generate, print the text and the budget.
+
+    The arguments are checked first, before transformers is imported and the model loaded
+    (tens of seconds on a laptop), so that a typo is reported at once.
+    """
     from rich.console import Console
-    from transformers import TextStreamer
 
-    from .integrations import enable, format_budget, print_summary
     from .methods import parse_method
-    from .models import load_model
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # messages whole, not wrapped at 80
     try:
         cfg = parse_method(args.method)
     except (TypeError, ValueError) as exc:
-        err.print(f"[red]--method {args.method}: {exc}")
+        err.print(f"[red]--method {args.method}: {exc}", highlight=False)
         return 2
     if args.max_new_tokens < 1:
         err.print("[red]--max-new-tokens must be >= 1")
         return 2
+    if args.prompt_file is not None and not args.prompt_file.is_file():
+        err.print(f"[red]--prompt-file {args.prompt_file}: no such file", highlight=False)
+        return 2
     text = args.prompt if args.prompt is not None else args.prompt_file.read_text()
+    from .extras import model_needs, require
+
+    require("generate", *model_needs(args.model))
+
+    import torch
+    from transformers import TextStreamer
+
+    from .integrations import enable, format_budget, print_summary
+    from .models import load_model
 
     with err.status(f"loading {args.model or 'the bundled model'}"):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args.device))

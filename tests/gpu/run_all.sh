@@ -8,7 +8,7 @@
 #    Tactic's rows and the per-stage profile at N=128k, B=8 in a second process
 #    ($OUT/extra/..., log $OUT/bench_extra.log).
 set -uo pipefail
-OUT=${OUT:-results}
+OUT=${OUT:-nucleus-attn-results/bench}  # not the committed results/: pass OUT=results to update them
 mkdir -p "$OUT/extra"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}

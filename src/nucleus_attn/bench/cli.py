@@ -4,13 +4,24 @@ model's decode step per method, against our dense step, the Amdahl bound and the
 ``generate`` (``model.generate()`` per method, eager and compiled: first step, steady
 ms/token, tokens/s), ``memory`` (a long generation per method: allocations next to the
 cache's account, per-token time) and ``host`` (the host work of an eager decode step per
-layer and method: ops, Triton launches, syncs, kernel specialisations; runs on a CPU)."""
+layer and method: ops, Triton launches, syncs, kernel specialisations; runs on a CPU).
+
+Results go to ``nucleus-attn-results/bench/`` unless ``--out`` names another folder (see
+:mod:`nucleus_attn.outdir`)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ..cliargs import add_methods_argument
+from ..outdir import claim, default_out
 
 TARGETS = ("kernels", "e2e", "memory", "generate", "host")
+#: Targets that build a transformers model.
+NEEDS_TRANSFORMERS = ("e2e", "memory", "generate", "host")
+#: Targets that need a CUDA GPU unless ``--quick``.
+NEEDS_GPU = ("kernels", "e2e", "memory", "generate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "method, eager and compiled; memory: allocations and per-token time "
                         "of a long generation per method; host: host work per eager decode "
                         "step and layer (CPU)")
-    parser.add_argument("--out", default="results", help="folder for the JSON and PNG "
-                        "(default results/)")
+    parser.add_argument("--out", type=Path, default=default_out("bench"),
+                        help=f"folder for the JSON and PNG (default {default_out('bench')}/; "
+                        "a folder another command wrote is refused)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes on the torch backend (a CPU smoke test)")
     parser.add_argument("--n", type=int, nargs="+", default=None,
@@ -33,10 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kept fractions of the fixed-budget rows (default kernels: 0.01 "
                         "0.02 0.05 0.1; e2e: 0.01 0.02 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="rows to run (kernels: dense sparse quest twilight tactic; e2e: "
-                        "quest twilight tactic streaming; default all; the dense baselines "
-                        "always run)")
+    add_methods_argument(parser, metavar="METHOD",
+                         help="rows to run (kernels: dense sparse quest twilight tactic; e2e: "
+                         "quest twilight tactic streaming; default all; the dense baselines "
+                         "always run)")
     parser.add_argument("--steps", type=int, default=None,
                         help="e2e: timed decode steps per row (default 20); memory: tokens "
                         "generated (default 10000); generate: new tokens per generation "
@@ -61,6 +73,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..extras import missing, require
+
+    if args.target in NEEDS_GPU and not args.quick and not torch.cuda.is_available():
+        print(f"nucleus-attn bench {args.target} needs a CUDA GPU; use --quick for a CPU "
+              "smoke test")
+        return 2
+    if args.target in NEEDS_TRANSFORMERS:
+        require(f"bench {args.target}", "transformers")
+    if args.target == "kernels":
+        from .kernels import ROW_METHODS
+
+        unknown = sorted(set(args.methods or ()) - set(ROW_METHODS))
+        if unknown:
+            raise ValueError(f"bench kernels: unknown --methods {unknown}; choose from "
+                             f"{list(ROW_METHODS)}")
+    out = claim(args.out, "bench")
+    print(f"results: {out.resolve()}")
+    if missing("matplotlib"):
+        print("matplotlib is not installed: JSON only, no plot (pip install "
+              "'nucleus-attn[plot]')")
+    args.out = str(out)
     if args.target == "generate":
         from .generate import main as generate_main
 
@@ -86,12 +121,7 @@ def run(args: argparse.Namespace) -> int:
                         compile="whole" if args.compile else
                         ("parts" if args.compile_parts else False), seed=args.seed,
                         profile=tuple(args.profile) if args.profile else None)
-    from .kernels import ROW_METHODS, main
-
-    unknown = sorted(set(args.methods or ()) - set(ROW_METHODS))
-    if unknown:
-        print(f"bench kernels: unknown --methods {unknown}; choose from {list(ROW_METHODS)}")
-        return 2
+    from .kernels import main
 
     return main(out=args.out, quick=args.quick, ns=args.n, batches=args.batch,
                 fractions=args.fractions, seed=args.seed,

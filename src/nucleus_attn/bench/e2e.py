@@ -35,6 +35,7 @@ from __future__ import annotations
 import inspect
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,11 @@ NONE_ATTN = "nucleus_attn_bench_none"
 #: Twilight's mean kept fraction at p=0.95 in the accuracy study (results/eval, SmolLM2,
 #: sparse layers, mean over passkey/multikey/multivalue), by context length.
 STUDY_TWILIGHT_P95 = {4096: 0.040}
+#: Below this Amdahl bound (attention under ~10% of the step) "% of bound" is not shown:
+#: (speed-up - 1) / (bound - 1) divides by almost nothing.
+MIN_BOUND = 1.1
+#: A row whose kept fraction is beyond this factor of its target is flagged in the table.
+OFF_TARGET = 1.5
 
 
 @dataclass(frozen=True)
@@ -454,9 +460,28 @@ def bench_point(model: Any, n: int, b: int, fractions: list[float], methods: lis
         r["speedup"] = dense / r["seconds"]
         r["amdahl_bound"] = dense / rest
         r["bound_fraction"] = (r["speedup"] - 1) / (r["amdahl_bound"] - 1) \
-            if r["amdahl_bound"] > 1 else float("nan")
+            if r["amdahl_bound"] >= MIN_BOUND else float("nan")
         r["floor_fraction"] = r["floor_seconds"] / r["seconds"]
     return out
+
+
+def bound_cell(r: dict) -> str:
+    """The "% of bound" cell: the share of the Amdahl bound's gain a method row reached;
+    "slower" when it lost to dense (the share is negative), "-" when the bound is under
+    :data:`MIN_BOUND` (nothing to gain: the share would divide by almost zero)."""
+    if r["kind"] != "method":
+        return ""
+    if not r["amdahl_bound"] >= MIN_BOUND:
+        return "-"
+    if r["speedup"] < 1:
+        return "slower"
+    return f"{r['bound_fraction'] * 100:.0f}"
+
+
+def off_target(r: dict) -> bool:
+    """Whether a method row kept far more or far less than its target fraction."""
+    return r["kind"] == "method" and not (
+        r["target"] / OFF_TARGET <= r["kept_fraction"] <= r["target"] * OFF_TARGET)
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
@@ -474,16 +499,23 @@ def print_table(rows: list[dict], meta: dict) -> None:
         table.add_column(col, justify="left" if col == "row" else "right")
     for r in rows:
         table.add_row(
-            str(r["n"]), str(r["batch"]), r["label"], f"{r['kept_fraction'] * 100:.2f}",
+            str(r["n"]), str(r["batch"]), r["label"],
+            f"{r['kept_fraction'] * 100:.2f}{'*' if off_target(r) else ''}",
             f"{r['seconds'] * 1e3:.2f}", f"{r['speedup']:.2f}", f"{r['amdahl_bound']:.2f}",
-            "" if r["kind"] != "method" else f"{r['bound_fraction'] * 100:.0f}",
+            bound_cell(r),
             f"{r['floor_seconds'] * 1e3:.2f}", f"{r['floor_fraction'] * 100:.0f}",
             f"{r['state_bytes'] / 2**20:.0f}", f"{r['state_accounted_bytes'] / 2**20:.0f}",
             f"{r['peak_bytes'] / 2**30:.1f}", f"{r['peak_over_dense_bytes'] / 2**20:.0f}")
     Console(width=180).print(table)
     print("state MB: the method's metadata measured on its tensors; acct MB: the code's own "
           "account (nucleus_attn.memory) for the allocated positions; +peak MB: peak "
-          "allocation over the dense row's")
+          "allocation over the dense row's; % of bound: (x dense - 1) / (bound - 1), "
+          f"'slower' below dense, '-' where the bound is under {MIN_BOUND}")
+    if any(off_target(r) for r in rows):
+        print(f"kept % with *: more than {OFF_TARGET}x off the row's target (its label): a "
+              "fixed budget cannot go below the sink and window (68 tokens); a top-p row "
+              "keeps what p buys on these random weights (the union over a GQA group's "
+              "query heads)")
     for s in meta["skipped"]:
         print(f"skipped: {s}")
     for line in target_lines(rows):
@@ -514,8 +546,10 @@ def target_lines(rows: list[dict]) -> list[str]:
                         and name(r) in ("twilight", "tactic"))
         if adaptive:
             best = max(adaptive, key=lambda r: r["speedup"])
+            share = bound_cell(best)
+            share = share + "%" if share not in ("-", "slower") else share
             out.append(f"target best adaptive >= {need}x at 128k x {b}: {best['label']} "
-                       f"{best['speedup']:.2f}x ({best['bound_fraction'] * 100:.0f}% of the "
+                       f"{best['speedup']:.2f}x ({share} of the "
                        f"Amdahl bound {best['amdahl_bound']:.2f}) "
                        f"{'MET' if best['speedup'] >= need else 'missed'}")
     quest = pick(131072, 4, lambda r: r["kind"] == "method" and name(r) == "quest")
@@ -532,17 +566,38 @@ def target_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+#: Colours of the rows' variants (a method, with its base for Twilight); others get the
+#: next free colour of matplotlib's cycle.
+COLOURS = {"stock sdpa": "tab:grey", "quest": "tab:blue", "twilight": "tab:green",
+           "twilight base=quest": "tab:olive", "twilight base=cluster": "tab:cyan",
+           "tactic": "tab:red", "streaming": "tab:purple"}
+
+
+def variant(r: dict) -> str:
+    """The row's method variant: its label without the kept fraction (and any note)."""
+    return re.sub(r"\s*\d+(\.\d+)?%.*$", "", r["label"])
+
+
+def variant_colours(rows: list[dict]) -> dict[str, str]:
+    """A distinct colour per variant of the plotted rows."""
+    spare = ["tab:orange", "tab:brown", "tab:pink", "gold", "navy", "teal", "lime"]
+    out: dict[str, str] = {}
+    for v in dict.fromkeys(variant(r) for r in rows if r["kind"] in ("method", "stock")):
+        out[v] = COLOURS.get(v) or next((c for c in spare if c not in out.values()), "k")
+    return out
+
+
 def plot(rows: list[dict], path: str, meta: dict) -> None:
     """Speed-up against our dense step vs context length, one panel per batch: a colour
-    per method, a line style per kept fraction, the Amdahl bound dotted."""
+    per method variant (Twilight's bases apart), a line style per kept fraction, the
+    Amdahl bound dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"stock": "tab:grey", "quest": "tab:blue", "twilight": "tab:green",
-               "tactic": "tab:red", "streaming": "tab:purple"}
     targets = sorted({r["target"] for r in rows if r["kind"] == "method"})
+    colour = variant_colours(rows)
     styles = dict(zip(targets, ["o-", "s--", "^:", "d-."], strict=False))
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(4.6 * len(batches) + 2.2, 3.8),
@@ -551,13 +606,14 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
         sub = [r for r in rows if r["batch"] == b]
         for label in dict.fromkeys(r["label"] for r in sub if r["kind"] in ("method", "stock")):
             first = next(r for r in sub if r["label"] == label)
-            name = "stock" if first["kind"] == "stock" else first["spec"].split(":")[0]
-            style = "x-" if name == "stock" else styles.get(first["target"], "o-")
+            style = "x-" if first["kind"] == "stock" else styles.get(first["target"], "o-")
             pts = sorted((r["n"], r["speedup"]) for r in sub if r["label"] == label)
-            ax.plot(*zip(*pts, strict=True), style, color=colours.get(name, "black"),
+            ax.plot(*zip(*pts, strict=True), style, color=colour[variant(first)],
                     label=label, lw=1.1, ms=4)
         bound = sorted({(r["n"], r["amdahl_bound"]) for r in sub})
-        ax.plot(*zip(*bound, strict=True), "k:", lw=1.5, label="Amdahl bound")
+        # a marker too: with one context length the dotted line is a single point
+        ax.plot(*zip(*bound, strict=True), "k:", marker="_", ms=14, mew=1.5, lw=1.5,
+                label="Amdahl bound")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length")
@@ -595,7 +651,8 @@ def _main(out: str, quick: bool, ns: list[int] | None, batches: list[int] | None
         print("nucleus-attn bench e2e needs a CUDA GPU; use --quick for a CPU smoke test")
         return 2
     arch, dtype = (TINY, torch.float32) if quick else (LLAMA3_8B, torch.bfloat16)
-    ns = ns or ([300] if quick else [4096, 32768, 131072])
+    # quick: long enough that a 10% budget holds the sink and window (68 tokens)
+    ns = ns or ([1024] if quick else [4096, 32768, 131072])
     batches = batches or ([2] if quick else [1, 4, 8])
     fractions = fractions or ([0.1] if quick else [0.01, 0.02, 0.05])
     methods = methods or ["quest", "twilight", "tactic", "streaming"]

@@ -8,6 +8,8 @@ from and written to JSON lines by :mod:`nucleus_attn.eval.store`.
 
 from __future__ import annotations
 
+import math
+import textwrap
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,11 +24,32 @@ def _mean(xs: Iterable[float]) -> float:
 
 
 def label(row: Row) -> str:
-    """The row's method setting as ``name:knob=value,...`` (budget knob always shown)."""
+    """The row's method setting as ``name:knob=value,...`` (budget knob always shown).
+
+    Built from the parameters the row recorded, against today's defaults, so a label stays
+    true when a default changes (a Twilight row run on the Quest base when it was the
+    default reads ``base=quest``). A parameter added after the row was written is not in
+    it; :func:`unrecorded` lists those for the report.
+    """
     from ..methods import describe, make_config
 
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in row["params"].items()}
     return describe(make_config(row["name"], **params))
+
+
+def unrecorded(rows: list[Row]) -> dict[str, list[str]]:
+    """Per method, the parameters that some rows do not record (they were added after those
+    rows ran; their labels show nothing for them). ``dense_below`` is left out: eval runs
+    in diagnostics mode, where the crossover does not apply."""
+    from ..methods import get_spec, parameter_names
+
+    out: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        if r.get("kind") in ("task", "perplexity"):
+            fields = parameter_names(get_spec(r["name"]).config)
+            out[r["name"]].update(f for f in fields if f not in r["params"]
+                                  and f != "dense_below")
+    return {name: sorted(fields) for name, fields in out.items() if fields}
 
 
 def task_rows(rows: list[Row]) -> list[Row]:
@@ -136,6 +159,27 @@ def curve_label(method: str) -> str:
     return name + (f" ({', '.join(fixed)})" if fixed else "")
 
 
+def log_limits(values: Iterable[float]) -> tuple[float, float]:
+    """Limits of a log axis over ``values`` (> 0), widened to the nearest 1-2-5 steps so
+    that the axis holds at least two labelled ticks, even when the values span less than a
+    decade (a log axis labels only powers of ten by default: one label, or none)."""
+    steps = (1.0, 2.0, 5.0, 10.0)
+    vs = [v for v in values if v > 0]
+    if not vs:
+        return 1.0, 10.0
+    lo, hi = min(vs) / 1.06, max(vs) * 1.06
+    e = math.floor(math.log10(lo))
+    below = max(s * 10**e for s in steps if s * 10**e <= lo * (1 + 1e-9))
+    e = math.floor(math.log10(hi))
+    above = min(s * 10**e for s in steps if s * 10**e >= hi * (1 - 1e-9))
+    return below, above
+
+
+def _wrap(text: str, inches: float, fontsize: float) -> str:
+    """``text`` wrapped to lines that fit ``inches`` at ``fontsize`` points."""
+    return "\n".join(textwrap.wrap(text, max(12, int(inches * 72 / (0.6 * fontsize)))))
+
+
 def plot_accuracy(rows: list[Row], path: Path) -> Path:
     """Accuracy (mean over tasks) vs mean kept fraction, a panel per length, a curve per method."""
     import matplotlib
@@ -160,6 +204,9 @@ def plot_accuracy(rows: list[Row], path: Path) -> Path:
             ax.plot([100 * s["kept_fraction"] for s in ss], [100 * s["accuracy"] for s in ss],
                     marker="o", label=name)
         ax.set_xscale("log")
+        ax.set_xlim(*log_limits(100 * s["kept_fraction"] for s in summary
+                                if s["length"] == length and s["name"] != "dense"))
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("mean kept fraction of tokens (%)")
@@ -200,8 +247,9 @@ def plot_heatmaps(rows: list[Row], path: Path, names: tuple[str, ...] = ("twilig
         return None
     lengths = sorted({r["length"] for r in tr})
     labels = sorted({curve_label(r["method"]) for r in tr})
+    width = max(5.0, 3.8 * len(labels))
     fig, axes = plt.subplots(len(lengths), len(labels), squeeze=False,
-                             figsize=(3.6 * len(labels), 4.2 * len(lengths)))
+                             figsize=(width, 4.4 * len(lengths)), layout="constrained")
     for ax_row, length in zip(axes, lengths, strict=True):
         for ax, curve in zip(ax_row, labels, strict=True):
             mats = [r for r in tr if r["length"] == length and curve_label(r["method"]) == curve]
@@ -213,15 +261,16 @@ def plot_heatmaps(rows: list[Row], path: Path, names: tuple[str, ...] = ("twilig
             grid = [[100 * _mean(r["layer_head_kept"][li][h] for r in mats)
                      for h in range(heads)] for li in range(len(layers))]
             im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
-            ax.set_title(f"{curve}, p={p}, {length} tokens", fontsize=9)
+            ax.set_title(_wrap(f"{curve}, p={p}, {length} tokens", width / len(labels), 9),
+                         fontsize=9)
             ax.set_xticks(range(heads))
             ax.set_xlabel("KV head")
             ticks = list(range(0, len(layers), max(1, len(layers) // 7)))
             ax.set_yticks(ticks, [str(layers[t]) for t in ticks])
             ax.set_ylabel("layer")
             fig.colorbar(im, ax=ax, label="kept %")
-    fig.suptitle("mean kept fraction per layer and KV head (mean over the swept tasks)")
-    fig.tight_layout()
+    fig.suptitle(_wrap("mean kept fraction per layer and KV head (mean over the swept tasks)",
+                       width, 12), fontsize=12)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

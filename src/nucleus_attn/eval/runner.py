@@ -151,10 +151,13 @@ def run_cells(
     judge: Callable[[int, str], bool],
     on_batch: Callable[[], None] | None = None,
     on_prefill: Callable[[int, torch.Tensor, torch.Tensor, Any], None] | None = None,
+    on_cell: Callable[[], Any] | None = None,
 ) -> dict[str, tuple[int, CellStats, float]]:
     """Correct answers, budget statistics and seconds per method setting over ``prompts``.
 
     ``judge(i, text)`` says whether the text generated for prompt ``i`` is right.
+    ``on_batch()`` runs after each batch, ``on_cell()`` after each batch's decode under
+    each setting (a progress bar's unit).
     ``on_prefill(start, ids, mask, cache)`` (optional) sees each batch's dense prefill
     (prompts ``start ..``, left-padded ids and mask, the cache of all but the last token)
     before any method decodes from it; it must not modify the cache (copy it).
@@ -183,6 +186,8 @@ def run_cells(
             texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
             cell[0] += sum(judge(start + i, t) for i, t in enumerate(texts))
             del cache
+            if on_cell is not None:
+                on_cell()
         if on_batch is not None:
             on_batch()
     return {k: (v[0], v[1], v[2]) for k, v in results.items()}

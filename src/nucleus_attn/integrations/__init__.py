@@ -11,7 +11,7 @@ from typing import Any
 from .stats import format_budget, print_summary
 from .tp import check_tensor_parallel, load_tensor_parallel, tp_world_size
 
-_FROM_HF = ("enable", "SparseDecodeHandle", "SUPPORTED_MODEL_TYPES")
+_FROM_HF = ("enable", "disable", "SparseDecodeHandle", "SUPPORTED_MODEL_TYPES")
 
 
 def __getattr__(name: str) -> Any:

@@ -279,7 +279,7 @@ class SparseDecodeHandle:
 
         Examples
         --------
-        >>> handle = na.enable(model, "twilight", p=0.95, compile=True)  # doctest: +SKIP
+        >>> handle = na.enable(model, "twilight", compile=True)  # doctest: +SKIP
         >>> handle.warmup(prompt_tokens=32768, new_tokens=256)  # doctest: +SKIP
         """
         import time
@@ -699,7 +699,8 @@ def enable(
         A registered method name (:func:`nucleus_attn.methods`) or a config such as
         ``nucleus_attn.Twilight(p=0.9)``. Default ``"twilight"``.
     dense_layers : int
-        The first layers that stay dense (default 2, as in Quest and Twilight).
+        The first layers that stay dense (default 2, as in Quest and Twilight); fewer
+        than the model's layers, unless ``method`` is ``"dense"``.
     diagnostics : bool
         Also measure, at every step, the exact softmax mass of the kept keys per query
         head (reads every key: slow; default False). Kept token counts are recorded
@@ -709,14 +710,15 @@ def enable(
         and step in eager steps; a few in-place ops inside CUDA-graph captures, so that
         every replay counts). Turn off for timing.
     compile : bool, dict or transformers.CompileConfig
-        ``True`` makes ``model.generate`` use the fast path: a static (pre-allocated) KV
-        cache and decode steps compiled with ``torch.compile(fullgraph=True,
-        mode="reduce-overhead")``, i.e. the whole step (projections, norms, rotary, MLP
-        fused by inductor, our attention as one opaque op per layer) replayed as one CUDA
-        graph. A dict or a ``CompileConfig`` gives other ``torch.compile`` options. The
-        first generation of each shape (batch, prompt + new tokens) compiles and records:
-        call :meth:`SparseDecodeHandle.warmup` first. Restored by :meth:`disable`.
-        Default False (eager steps, the model's own cache).
+        GPU only (a model on another device is refused). ``True`` makes
+        ``model.generate`` use the fast path: a static (pre-allocated) KV cache and decode
+        steps compiled with ``torch.compile(fullgraph=True, mode="reduce-overhead")``,
+        i.e. the whole step (projections, norms, rotary, MLP fused by inductor, our
+        attention as one opaque op per layer) replayed as one CUDA graph. A dict or a
+        ``CompileConfig`` gives other ``torch.compile`` options. The first generation of
+        each shape (batch, prompt + new tokens) compiles and records: call
+        :meth:`SparseDecodeHandle.warmup` first. Restored by :meth:`disable`. Default
+        False (eager steps, the model's own cache).
     **params
         The method's parameters (e.g. ``p=0.9``, ``base_budget=512``).
 
@@ -732,8 +734,9 @@ def enable(
         ``model`` is not a transformers model, or a parameter is unknown to the method.
     ValueError
         The model type or one of its attention features (soft-capping, other layer
-        types) is not supported, sparse decode is already on for this model, or a
-        parameter is out of range.
+        types) is not supported, sparse decode is already on for this model (see
+        :func:`disable`), ``dense_layers`` leaves no sparse layer, ``compile`` is asked
+        for on a model that is not on a CUDA GPU, or a parameter is out of range.
 
     Notes
     -----
@@ -766,13 +769,13 @@ def enable(
     Examples
     --------
     >>> import nucleus_attn as na
-    >>> with na.enable(model, "twilight", p=0.95) as handle:  # doctest: +SKIP
+    >>> with na.enable(model, "twilight") as handle:  # doctest: +SKIP
     ...     out = model.generate(**inputs, max_new_tokens=256)
     ...     print(handle.summary()["mean_kept_fraction"])
 
     The fast path (GPU): a static cache and one CUDA graph per decode step.
 
-    >>> handle = na.enable(model, "twilight", p=0.95, compile=True)  # doctest: +SKIP
+    >>> handle = na.enable(model, "twilight", compile=True)  # doctest: +SKIP
     >>> handle.warmup(prompt_tokens=32768, new_tokens=256)  # doctest: +SKIP
     >>> out = model.generate(**inputs, max_new_tokens=256)  # doctest: +SKIP
     """
@@ -783,15 +786,25 @@ def enable(
                          "kept dense; 2 by default)")
     _check_model(model)
     check_tensor_parallel(model)
+    if compile_config is not None:
+        _check_compile_device(model, compile_config)
     if model in _ENABLED:
         raise ValueError(
             f"sparse decode is already enabled on this model ({_ENABLED[model].config}); "
-            "call .disable() on the first handle before enabling again"
+            "call .disable() on the first handle, or nucleus_attn.disable(model), before "
+            "enabling again"
         )
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"found no attention layers with a layer_idx in "
                          f"{type(model).__name__}; it is not a supported decoder")
+    if dense_layers >= len(modules) and cfg.name != "dense":
+        raise ValueError(
+            f"dense_layers={dense_layers} keeps every one of the {len(modules)} attention "
+            f"layers of {type(model).__name__} dense, so no layer would run {cfg.name}; use "
+            f"dense_layers < {len(modules)} (default 2), or method='dense' for dense "
+            "attention in every layer"
+        )
     previous = model.config._attn_implementation or "sdpa"
     config = model.config
     ranks = tp_world_size(model)  # under tensor parallelism each rank holds 1/ranks heads
@@ -822,6 +835,46 @@ def enable(
         handle._generation_config = _keep_eager(model)
     _reset_graphs()  # graphs recorded under another handle would replay its kernels
     return handle
+
+
+def disable(model: PreTrainedModel) -> SparseDecodeHandle | None:
+    """Switch sparse decode off on ``model``, whichever handle switched it on.
+
+    The way back when the handle :func:`enable` returned is lost (a notebook cell run
+    twice, a handle made inside a function): the same as that handle's
+    :meth:`~SparseDecodeHandle.disable`. Calling it on a model without sparse decode does
+    nothing.
+
+    Returns
+    -------
+    SparseDecodeHandle or None
+        The handle that was switched off (its statistics stay readable), or None.
+
+    Examples
+    --------
+    >>> na.enable(model, "twilight")  # doctest: +SKIP
+    >>> na.disable(model)  # doctest: +SKIP
+    SparseDecodeHandle(twilight:p=0.9, dense_layers=2, disabled)
+    """
+    handle = _ENABLED.get(model) if isinstance(model, nn.Module) else None
+    if handle is None:
+        return None
+    handle.disable()
+    return handle
+
+
+def _check_compile_device(model: PreTrainedModel, compile_config: Any) -> None:
+    """``compile=...`` records CUDA graphs: refuse a model that is not on a CUDA device
+    (transformers would quietly run its decode steps uncompiled), unless the config asks
+    for compilation on every device (``_compile_all_devices``, as the CPU tests do)."""
+    device = model.device
+    if device.type == "cuda" or getattr(compile_config, "_compile_all_devices", False):
+        return
+    raise ValueError(
+        f"enable(compile=...): the model is on {device}, and the compiled path replays CUDA "
+        "graphs, so it needs a CUDA GPU (model.to('cuda')); transformers would run the "
+        f"decode steps uncompiled. On {device.type} drop compile= (eager decode steps)"
+    )
 
 
 def _compile_config(compile: Any) -> Any:

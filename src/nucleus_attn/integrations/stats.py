@@ -296,7 +296,7 @@ def format_budget(summary: dict[str, Any]) -> str:
 
     Examples
     --------
-    ``twilight:p=0.95  kept 6.1% of tokens (sparse layers 4.2%, 97 of 2301)  mass 0.981
+    ``twilight:p=0.9  kept 6.1% of tokens (sparse layers 4.2%, 97 of 2301)  mass 0.981
     over 30 layers x 8 decode rows``
     """
     if not summary.get("decode_rows"):
@@ -327,24 +327,30 @@ def print_summary(summary: dict[str, Any], console: Any = None) -> None:
     console : rich.console.Console, optional
         Where to print (default: a new console on stdout).
     """
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"nucleus-attn budget per layer: {summary.get('spec', '')}")
-    for col in ("layer", "kind", "kept", "spread", "min head", "max head", "kept tokens",
-                "mass", "min head mass"):
-        table.add_column(col, justify="right" if col not in ("kind",) else "left")
+    # fits 80 columns (a terminal's or a pipe's default width) at 128k-token contexts: no
+    # cell is cut; the caption says what the short headers mean
+    table = Table(title=f"nucleus-attn budget per layer: {summary.get('spec', '')}",
+                  box=box.SIMPLE_HEAD, caption="kept: mean kept fraction (std over heads "
+                  "and steps); heads: lowest-highest KV head; tokens: kept/context per KV "
+                  "head; mass: exact kept softmax mass (lowest query head)")
+    for col in ("layer", "kind", "kept (std)", "heads", "tokens", "mass (min)"):
+        table.add_column(col, justify="left" if col == "kind" else "right", no_wrap=True)
     for d in summary["per_layer"]:
         heads = d["kept_fraction_per_head"] or []
         masses = d["mass_per_head"] or []
         tokens = ("-" if d["mean_kept_tokens"] is None else
                   f"{d['mean_kept_tokens']:.0f}/{d['mean_context_tokens']:.0f}")
         table.add_row(
-            str(d["layer"]), d["kind"], _pct(d["mean_kept_fraction"]),
-            _pct(d["std_kept_fraction"]), _pct(min(heads)) if heads else "-",
-            _pct(max(heads)) if heads else "-", tokens, _num(d["mean_mass"]),
-            _num(min(masses)) if masses else "-",
+            str(d["layer"]), d["kind"],
+            f"{_pct(d['mean_kept_fraction'])} ({_pct(d['std_kept_fraction'])})",
+            f"{_pct(min(heads))}-{_pct(max(heads))}" if heads else "-", tokens,
+            f"{_num(d['mean_mass'])} ({_num(min(masses))})" if masses else
+            _num(d["mean_mass"]),
         )
     console.print(table)
     console.print(format_budget(summary))

@@ -56,22 +56,40 @@ def make_config(method: str | MethodConfig, **params: Any) -> MethodConfig:
     0.9
     """
     if isinstance(method, MethodConfig):
-        return method.replace(**params) if params else method
-    if not isinstance(method, str):
+        if not params:
+            return method
+        cls = type(method)
+    elif isinstance(method, str):
+        cls = get_spec(method).config
+    else:
         raise TypeError(
             f"method must be a name ({', '.join(REGISTRY)}) or a config such as "
-            f"nucleus_attn.Twilight(p=0.95), got {type(method).__name__}"
+            f"nucleus_attn.Twilight(p=0.8), got {type(method).__name__}"
         )
-    cls = get_spec(method).config
-    try:
-        return cls(**params)
-    except TypeError as err:
-        # the method's own fields first, the keyword-only ones every method shares after
-        fields = sorted((f for f in dataclasses.fields(cls)), key=lambda f: f.kw_only)
-        fields = [f.name for f in fields]
+    fields = parameter_names(cls)
+    unknown = [k for k in params if k not in fields]
+    if unknown:
+        where = (f" (the {cls.__name__} passed as method)"
+                 if isinstance(method, MethodConfig) else "")
         raise TypeError(
-            f"{method}: {err}; its parameters are: {', '.join(fields) or '(none)'}"
-        ) from None
+            f"{cls.name}{where} has no parameter{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; its parameters are: "
+            f"{', '.join(fields) or '(none)'}. For another method pass its name or config "
+            "with its own parameters, e.g. method='twilight', p=0.8 or "
+            "nucleus_attn.Twilight(p=0.8)"
+        )
+    try:
+        return method.replace(**params) if isinstance(method, MethodConfig) else cls(**params)
+    except TypeError as err:
+        text = str(err)
+        prefix = "" if text.startswith(f"{cls.name}:") else f"{cls.name}: "
+        raise TypeError(f"{prefix}{text}; its parameters are: {', '.join(fields)}") from None
+
+
+def parameter_names(cls: type[MethodConfig]) -> list[str]:
+    """A config class's parameters: its own fields first, then the keyword-only ones every
+    method shares (``dense_below``)."""
+    return [f.name for f in sorted(dataclasses.fields(cls), key=lambda f: f.kw_only)]
 
 
 from .parse import describe, parse_method, parse_sweep  # noqa: E402  (needs make_config)
@@ -99,6 +117,7 @@ __all__ = [
     "get_spec",
     "make_config",
     "methods",
+    "parameter_names",
     "parse_method",
     "parse_sweep",
     "spec_of",

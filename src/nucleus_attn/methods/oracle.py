@@ -80,14 +80,15 @@ class OracleTopPConfig(MethodConfig):
     Parameters
     ----------
     p : float
-        Mass to keep, in (0, 1] (default 0.95). Per KV head the union of its query heads'
-        sets is kept.
+        Mass to keep, in (0, 1] (default 0.9, as Twilight and Tactic: the oracle is the
+        bound those methods are compared against at the same ``p``). Per KV head the
+        union of its query heads' sets is kept.
     sink, window : int
         Tokens always kept at the start / end (default 0: a pure oracle).
     """
 
     name: ClassVar[str] = "oracle-topp"
-    p: float = 0.95
+    p: float = 0.9
     sink: int = 0
     window: int = 0
 

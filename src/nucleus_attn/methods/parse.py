@@ -32,9 +32,12 @@ def parse_sweep(spec: str) -> list[MethodConfig]:
     >>> [c.p for c in parse_sweep("twilight:p=0.8,0.9")]
     [0.8, 0.9]
     """
-    from . import make_config
+    from . import get_spec, make_config, parameter_names
 
     name, _, rest = spec.partition(":")
+    name = name.strip()
+    cls = get_spec(name).config
+    fields = {k: getattr(cls, k, None) for k in parameter_names(cls)}
     values: dict[str, list[Any]] = {}
     key = None
     for item in filter(None, (x.strip() for x in rest.split(","))):
@@ -44,9 +47,19 @@ def parse_sweep(spec: str) -> list[MethodConfig]:
             if key in values:
                 raise ValueError(f"{spec!r}: {key} is given twice; list its values once: "
                                  f"{key}=a,b,c")
+            if not val.strip():
+                raise ValueError(f"{spec!r}: {key}= has no value; write {key}=VALUE, e.g. "
+                                 f"{name}:{key}={fields.get(key, 1)}")
             values[key] = [_value(val.strip())]
         elif key is None:
-            raise ValueError(f"{spec!r}: {item!r} has no key; write {name}:key=value")
+            if item in fields:
+                raise ValueError(f"{spec!r}: {item} has no value; write {item}=VALUE, e.g. "
+                                 f"{name}:{item}={fields[item]}")
+            raise ValueError(f"{spec!r}: {item!r} is not key=value; write "
+                             f"{name}:key=value with a key among: {', '.join(fields)}")
+        elif item in fields:
+            raise ValueError(f"{spec!r}: {item} has no value; write {item}=VALUE, e.g. "
+                             f"{name}:{item}={fields[item]}")
         else:
             values[key].append(_value(item))
     keys = list(values)
@@ -74,7 +87,7 @@ def describe(cfg: MethodConfig) -> str:
     --------
     >>> from nucleus_attn import Twilight
     >>> describe(Twilight(base_budget=0.5))
-    'twilight:p=0.95,base_budget=0.5'
+    'twilight:p=0.9,base_budget=0.5'
     """
     default = type(cfg)()
     knob = next((k for k in BUDGET_KNOBS if hasattr(cfg, k)), None)

@@ -64,8 +64,9 @@ class TwilightConfig(MethodConfig):
     Parameters
     ----------
     p : float
-        Estimated attention mass each query head keeps, in (0, 1] (default 0.95);
-        ``p=1`` is dense attention.
+        Estimated attention mass each query head keeps, in (0, 1] (default 0.9: on the
+        bundled model's retrieval study it matches dense accuracy with ~9.5% of the tokens
+        kept, against ~15% at 0.95); ``p=1`` is dense attention.
     base : str
         Candidate selector (see the module doc): ``"dense"`` (every valid key is a
         candidate; the pruner alone decides; default), ``"quest"`` (pages ranked by their
@@ -88,7 +89,7 @@ class TwilightConfig(MethodConfig):
     """
 
     name: ClassVar[str] = "twilight"
-    p: float = 0.95
+    p: float = 0.9
     base: str = "dense"
     base_budget: Budget = 0.25
     page_size: int = 16
