@@ -33,7 +33,7 @@ from nucleus_attn.bench.kernels import (
 )
 from nucleus_attn.decode import decode_step, new_state
 from nucleus_attn.methods import make_config
-from nucleus_attn.ops import attention, quant, topp, topp_binned
+from nucleus_attn.ops import attention, quant, topp_binned
 from nucleus_attn.span import KeySpan
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,11 +102,11 @@ def point(n: int, b: int) -> list[tuple[str, float]]:
         return ops.topp_select_estimates(est_call(), 0.9, sink=4, window=64)
 
     for chunk in CHUNKS:
-        topp_binned.CHUNK = topp.CHUNK = chunk
+        topp_binned.CHUNK = chunk
         rows.append((f"estimates + top-p, chunks of {chunk}", time_call(selection, DEV, False)))
         rows.append((f"twilight p=0.9, chunks of {chunk}", time_call(
             lambda: decode_step(q, k, v, cfg, st, span, scale, padded=False), DEV, False)))
-    topp_binned.CHUNK = topp.CHUNK = CHUNKS[0]
+    topp_binned.CHUNK = CHUNKS[0]
     for label, params in (("twilight p=0.9", {"p": 0.9}), ("twilight p=0.95", {"p": 0.95}),
                           ("twilight p=0.9 base=quest", {"p": 0.9, "base": "quest"})):
         c2 = make_config("twilight", dense_below=0, **params)

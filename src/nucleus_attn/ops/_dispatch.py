@@ -173,7 +173,7 @@ def last_dim_dense(x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class HandsWorkspace:
-    """Base of statistics a producer kernel hands to its consumer (``ScoreStats``,
+    """Base of statistics a producer kernel hands to its consumer (``Estimates``,
     ``PageStats``): ``workspace`` holds the consumer's int32 counters, zeroed inside the
     producer's own launch (one memset launch saved); it can be taken once only, since the
     consumer leaves it dirty."""

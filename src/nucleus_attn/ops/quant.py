@@ -467,9 +467,9 @@ def int4_estimates(
         est = int4_scores_range_reference(q, codes, scale, zero, span, sm_scale)
     else:
         est = int4_scores_reference(q, codes, scale, zero, indices, counts, sm_scale)
-    x = slot_major(est, hkv).half()
-    out = Estimates(x.contiguous(), torch.zeros(0), span, indices, counts)
-    return Estimates(out.values, chunk_maxima(out.values, out.live()), span, indices, counts)
+    x = slot_major(est, hkv).half().contiguous()
+    live = torch.isfinite(x).any(-1)  # (live candidates have finite estimates)
+    return Estimates(x, chunk_maxima(x, live), span, indices, counts)
 
 
 def int4_scores(

@@ -13,13 +13,13 @@ histograms bracket the threshold; the kept set is everything above the lower edg
 finest bin where the cumulative mass crosses ``p``. Per query head, with logits ``x`` of
 the live candidates, ``m = max x``, ``w = exp(x - m)``, ``Z = sum w``:
 
-1. the candidates are cut in chunks of :data:`CHUNK` slots; ``Z' = sum over chunks of
+1. the candidates are cut in chunks of ``CHUNK`` slots; ``Z' = sum over chunks of
    exp(chunk max - m)`` is a lower bound of Z that needs no pass over the logits, so every
    weight below ``(1 - p) Z' / n`` (n live candidates) is below the nucleus threshold.
    The log-weights above that, ``u = (m - x) * NB1 / log(n / ((1 - p) Z'))`` in
-   ``[0, NB1)``, are binned in :data:`NB1` equal steps and each bin's exact mass is summed;
+   ``[0, NB1)``, are binned in ``NB1`` equal steps and each bin's exact mass is summed;
    the crossing bin ``k1`` is the first whose cumulative mass reaches ``p Z``;
-2. the crossing bin is cut in :data:`NB2` equal sub-bins, their masses summed; the
+2. the crossing bin is cut in ``NB2`` equal sub-bins, their masses summed; the
    crossing sub-bin ``k2`` is where the mass above ``k1`` plus the cumulative sub-bin mass
    reaches ``p Z``. Kept: every candidate of a bin above ``k1``, and of ``k1``'s sub-bins up
    to ``k2``.
@@ -31,8 +31,9 @@ estimated mass (up to float32 rounding of the weights, a relative 1e-6), and it 
 what the exact nucleus keeps plus part of one sub-bin: on peaked, flat, sink-dominated,
 tied and heavy-tailed rows (``tests/test_ops_topp.py``) at most 2% more tokens than the
 union of the exact nuclei, plus 16. The torch reference and the Triton kernels
-(:mod:`nucleus_attn.ops.topp_binned`) implement the same rule; they differ only where a
-weight falls within float32 rounding of a bin edge.
+(:mod:`nucleus_attn.ops.topp_binned`, which also holds the constants ``CHUNK``, ``NB1``,
+``NB2`` and ``FIXED``) implement the same rule; they differ only where a weight falls
+within float32 rounding of a bin edge.
 """
 
 from __future__ import annotations
@@ -48,10 +49,6 @@ from ._dispatch import HandsWorkspace, use_triton
 from .select import compact
 
 BISECT_STEPS = 32  # bit patterns of weights in [0, 1] span < 2**31 values
-CHUNK = topp_binned.CHUNK  # candidates per chunk of the Z' bound (and per kernel program)
-NB1 = topp_binned.NB1  # bins of level 1
-NB2 = topp_binned.NB2  # sub-bins of the crossing bin
-FIXED = topp_binned.FIXED  # fixed-point scale of weights (w in (0, 1] -> int64)
 
 
 # --- candidates' logits, as the top-p kernels read them --------------------------------------
@@ -70,7 +67,7 @@ class Estimates(HandsWorkspace):
         ``[B, Hkv, M, G]`` logits (float16 from the int4 kernel), slot-major: the G query
         heads of one candidate are adjacent. ``-inf`` where a slot is not a candidate.
     chunk_max : Tensor
-        ``[B, Hkv, C, G]`` float32 largest live logit of each chunk of :data:`CHUNK` slots
+        ``[B, Hkv, C, G]`` float32 largest live logit of each chunk of ``CHUNK`` slots
         (``-inf`` when none).
     span : KeySpan
         Valid positions of the cache (sink and window are counted from it).
@@ -89,10 +86,6 @@ class Estimates(HandsWorkspace):
     span: KeySpan
     indices: Tensor | None = None
     counts: Tensor | None = None
-
-    @property
-    def range_mode(self) -> bool:
-        return self.indices is None
 
     def live(self) -> Tensor:
         """``[B, Hkv, M]`` bool: which slots are candidates."""
@@ -118,14 +111,15 @@ class Estimates(HandsWorkspace):
 
 
 def chunk_maxima(x: Tensor, live: Tensor) -> Tensor:
-    """``[B, Hkv, C, G]`` float32 largest live logit per chunk of :data:`CHUNK` slots, from
+    """``[B, Hkv, C, G]`` float32 largest live logit per chunk of ``CHUNK`` slots, from
     slot-major logits ``x [B, Hkv, M, G]`` and ``live [B, Hkv, M]``."""
     b, hkv, m, g = x.shape
-    c = max(1, -(-m // CHUNK))
+    chunk = topp_binned.CHUNK
+    c = max(1, -(-m // chunk))
     xl = torch.where(live[..., None], x.float(), torch.full((), float("-inf"),
                                                              device=x.device))
-    xl = torch.nn.functional.pad(xl, (0, 0, 0, c * CHUNK - m), value=float("-inf"))
-    return xl.view(b, hkv, c, CHUNK, g).amax(3)
+    xl = torch.nn.functional.pad(xl, (0, 0, 0, c * chunk - m), value=float("-inf"))
+    return xl.view(b, hkv, c, chunk, g).amax(3)
 
 
 def slot_major(logits: Tensor, num_kv_heads: int) -> Tensor:
@@ -249,38 +243,40 @@ def binned_keep_reference(x: Tensor, live: Tensor, p: float) -> Tensor:
     """
     r, m = x.shape
     dev = x.device
+    chunk, nb1, nb2, fixed = (topp_binned.CHUNK, topp_binned.NB1, topp_binned.NB2,
+                              topp_binned.FIXED)
     # reads: the row twice (level 1, then the crossing bin's members)
     xf = torch.where(live, x.float(), torch.full((), float("-inf"), device=dev))
-    c = max(1, -(-m // CHUNK))
-    cmax = torch.nn.functional.pad(xf, (0, c * CHUNK - m), value=float("-inf"))
-    cmax = cmax.view(r, c, CHUNK).amax(-1)
+    c = max(1, -(-m // chunk))
+    cmax = torch.nn.functional.pad(xf, (0, c * chunk - m), value=float("-inf"))
+    cmax = cmax.view(r, c, chunk).amax(-1)
     mx = cmax.amax(-1)  # [R]
     finite = torch.isfinite(mx)
     ms = torch.where(finite, mx, torch.zeros_like(mx))
     zlow = torch.where(torch.isfinite(cmax), torch.exp(cmax - ms[:, None]),
                        torch.zeros_like(cmax)).sum(-1)
     n = live.sum(-1).clamp(min=1).float()
-    s1 = NB1 / torch.log(n / ((1.0 - p) * zlow.clamp(min=1.0)))
+    s1 = nb1 / torch.log(n / ((1.0 - p) * zlow.clamp(min=1.0)))
     u = (ms[:, None] - xf) * s1[:, None]
-    binned = live & (u < NB1)
-    b1 = torch.clamp(torch.floor(torch.where(binned, u, torch.zeros_like(u))), max=NB1 - 1)
+    binned = live & (u < nb1)
+    b1 = torch.clamp(torch.floor(torch.where(binned, u, torch.zeros_like(u))), max=nb1 - 1)
     b1 = b1.to(torch.int64)
     w = torch.exp(xf - ms[:, None])
-    fix = torch.where(live & torch.isfinite(w), (w.double() * FIXED).floor().to(torch.int64),
+    fix = torch.where(live & torch.isfinite(w), (w.double() * fixed).floor().to(torch.int64),
                       torch.zeros((), dtype=torch.int64, device=dev))
     target = (p * fix.sum(-1).double()).floor().to(torch.int64)  # [R]
-    mass1 = torch.zeros(r, NB1, dtype=torch.int64, device=dev).scatter_add_(
+    mass1 = torch.zeros(r, nb1, dtype=torch.int64, device=dev).scatter_add_(
         -1, b1, torch.where(binned, fix, torch.zeros_like(fix)))
     cum1 = torch.cumsum(mass1, -1)
-    k1 = (cum1 < target[:, None]).sum(-1).clamp(max=NB1 - 1)  # [R]
+    k1 = (cum1 < target[:, None]).sum(-1).clamp(max=nb1 - 1)  # [R]
     above = cum1.gather(-1, k1[:, None])[:, 0] - mass1.gather(-1, k1[:, None])[:, 0]
     cross = binned & (b1 == k1[:, None])
-    sub = torch.floor((u - k1[:, None].float()) * NB2)
-    sub = torch.where(cross, sub, torch.zeros_like(sub)).clamp(0, NB2 - 1).to(torch.int64)
-    mass2 = torch.zeros(r, NB2, dtype=torch.int64, device=dev).scatter_add_(
+    sub = torch.floor((u - k1[:, None].float()) * nb2)
+    sub = torch.where(cross, sub, torch.zeros_like(sub)).clamp(0, nb2 - 1).to(torch.int64)
+    mass2 = torch.zeros(r, nb2, dtype=torch.int64, device=dev).scatter_add_(
         -1, sub, torch.where(cross, fix, torch.zeros_like(fix)))
     cum2 = above[:, None] + torch.cumsum(mass2, -1)
-    k2 = (cum2 < target[:, None]).sum(-1).clamp(max=NB2 - 1)
+    k2 = (cum2 < target[:, None]).sum(-1).clamp(max=nb2 - 1)
     keep = binned & ((b1 < k1[:, None]) | (cross & (sub <= k2[:, None])))
     return torch.where(finite[:, None], keep, live)
 

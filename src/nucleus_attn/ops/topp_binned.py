@@ -36,10 +36,15 @@ the int4 kernel zeroes them inside its own launch (``workspace``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from ._dispatch import cdiv, const, helper, kernel, next_pow2, tl
+
+if TYPE_CHECKING:
+    from .topp import Estimates
 
 CHUNK = 1024  # slots per program; also the chunks of the Z' bound
 NB1 = 64  # level-1 bins
@@ -87,6 +92,13 @@ def _row_bounds(b, row, starts_ptr, ends_ptr, counts_ptr, M, RANGE: tl.constexpr
         lo = 0
         hi = tl.minimum(tl.load(counts_ptr + row), M).to(tl.int32)
     return lo, hi
+
+
+@helper
+def _first_reaching(cum, target, N: tl.constexpr):
+    """Per head (row of ``cum``), the first bin whose cumulative mass reaches the target
+    (the last bin if none does: rounding left the total a hair under it)."""
+    return tl.minimum(tl.sum((cum < target[:, None]).to(tl.int32), axis=1), N - 1)
 
 
 @helper
@@ -155,7 +167,7 @@ def _cross1_kernel(
         mass += tl.load(ws_ptr + off1 + (st * RG + rg[:, None]) * NB1_ + k[None, :],
                         mask=mg[:, None], other=0)
     cum = tl.cumsum(mass, axis=1)
-    k1 = tl.minimum(tl.sum((cum < target[:, None]).to(tl.int32), axis=1), NB1_ - 1)
+    k1 = _first_reaching(cum, target, NB1_)
     above = tl.sum(tl.where(k[None, :] < k1[:, None], mass, 0), axis=1)
     out = ipar_ptr + rg * NI_
     tl.store(out + I_K1_, k1.to(tl.int64), mask=mg)
@@ -174,8 +186,7 @@ def _cross2_kernel(ws_ptr, ipar_ptr, off2, G: tl.constexpr, BG: tl.constexpr):
     target = tl.load(ipar_ptr + rg * NI_ + I_T_, mask=mg, other=0)
     k = tl.arange(0, NB2_)
     mass = tl.load(ws_ptr + off2 + rg[:, None] * NB2_ + k[None, :], mask=mg[:, None], other=0)
-    cum = above[:, None] + tl.cumsum(mass, axis=1)
-    k2 = tl.minimum(tl.sum((cum < target[:, None]).to(tl.int32), axis=1), NB2_ - 1)
+    k2 = _first_reaching(above[:, None] + tl.cumsum(mass, axis=1), target, NB2_)
     tl.store(ipar_ptr + rg * NI_ + I_K2_, k2.to(tl.int64), mask=mg)
 
 
@@ -344,11 +355,11 @@ def _write_kernel(
         before += tl.sum(kt.to(tl.int32), axis=0)
 
 
-def select(est, p: float, *, sink: int = 0, window: int = 0,
+def select(est: Estimates, p: float, *, sink: int = 0, window: int = 0,
            forced: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Kept positions ``[B, Hkv, M]`` int64 (ascending in slot order, first ``counts``
     live, unspecified after them) and ``counts [B, Hkv]`` of the binned rule over the
-    candidates of ``est`` (a :class:`nucleus_attn.ops.topp.Estimates`); ``p < 1``."""
+    candidates of ``est``; ``p < 1``."""
     x = est.values
     b, hkv, m, g = x.shape
     rows = b * hkv
