@@ -25,7 +25,7 @@ from ._dispatch import (
     tl,
     use_triton,
 )
-from .topp import Estimates, chunk_maxima, slot_major
+from .topp import Estimates, slot_major
 
 LEVELS = 15  # 4 bits: codes 0..15
 INV_LEVELS = 1.0 / LEVELS  # a multiplication, not a division: torch divides a CUDA tensor
@@ -461,15 +461,13 @@ def int4_estimates(
         m = indices.shape[2]
     if use_triton(impl, q, codes):
         return _estimates_launch(q, codes, scale, zero, indices, counts, span, m, sm_scale)
-    b, hq, _ = q.shape
     hkv = codes.shape[1]
     if indices is None:
         est = int4_scores_range_reference(q, codes, scale, zero, span, sm_scale)
     else:
         est = int4_scores_reference(q, codes, scale, zero, indices, counts, sm_scale)
-    x = slot_major(est, hkv).half().contiguous()
-    live = torch.isfinite(x).any(-1)  # (live candidates have finite estimates)
-    return Estimates(x, chunk_maxima(x, live), span, indices, counts)
+    return Estimates.from_logits(slot_major(est, hkv).half().contiguous(), span, indices,
+                                 counts)
 
 
 def int4_scores(

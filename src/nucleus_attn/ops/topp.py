@@ -38,6 +38,7 @@ within float32 rounding of a bin edge.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,14 @@ class Estimates(HandsWorkspace):
     span: KeySpan
     indices: Tensor | None = None
     counts: Tensor | None = None
+
+    @staticmethod
+    def from_logits(values: Tensor, span: KeySpan, indices: Tensor | None = None,
+                    counts: Tensor | None = None) -> Estimates:
+        """Slot-major logits ``[B, Hkv, M, G]`` with their chunk maxima computed here (the
+        int4 kernel writes its own)."""
+        est = Estimates(values, values.new_empty(0), span, indices, counts)
+        return dataclasses.replace(est, chunk_max=chunk_maxima(values, est.live()))
 
     def live(self) -> Tensor:
         """``[B, Hkv, M]`` bool: which slots are candidates."""
@@ -364,11 +373,8 @@ def topp_select(
     if m == 0 or p >= 1.0 or not use_triton(impl, logits, indices):
         return topp_select_reference(logits, indices, counts, p, forced, span=span,
                                      sink=sink, window=window)
-    hkv = indices.shape[1]
-    x = slot_major(logits, hkv)
-    live = torch.arange(m, device=logits.device) < counts[..., None]
     span = span if span is not None else KeySpan.full(b, max(m, 1), logits.device)
-    est = Estimates(x, chunk_maxima(x, live), span, indices, counts)
+    est = Estimates.from_logits(slot_major(logits, indices.shape[1]), span, indices, counts)
     return topp_binned.select(est, p, sink=sink, window=window, forced=forced)
 
 
@@ -395,9 +401,7 @@ def topp_select_range(
         raise ValueError(f"logits {tuple(logits.shape)} must be [B, Hq, N] over the span's "
                          f"B={span.starts.shape[0]} sequences of N={span.n} positions")
     _check_p(p)
-    x = slot_major(logits, num_kv_heads)
-    est = Estimates(x, chunk_maxima(x, span.valid_mask()[:, None, :].expand(b, num_kv_heads, n)),
-                    span)
+    est = Estimates.from_logits(slot_major(logits, num_kv_heads), span)
     return topp_select_estimates(est, p, sink=sink, window=window, impl=impl)
 
 
@@ -409,7 +413,7 @@ def topp_select_estimates(
     candidate order, first ``counts`` live; unspecified after them on the Triton path) and
     ``counts [B, Hkv]`` int64. ``p`` in (0, 1]."""
     _check_p(p)
-    b, hkv, m, g = est.values.shape
+    m = est.values.shape[2]
     if m == 0 or p >= 1.0 or not use_triton(impl, est.values):
         return _binned_select(est.head_major(), est.live(), est.positions(), p, None,
                               est.span, sink, window)
